@@ -1,0 +1,38 @@
+"""Build glue: the cffi libbpf extension and the BPF programs (metadata lives in pyproject.toml)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "build_tools"))
+
+import build_progs  # noqa: E402
+
+
+class BuildExtAndPrograms(build_ext):
+    """Build the cffi extension, then compile sockpolicy/progs/*.bpf.c next to it."""
+
+    def run(self) -> None:
+        try:
+            build_progs.check_toolchain()
+        except build_progs.ToolchainMissing as exc:
+            sys.exit(f"error: {exc}")
+        super().run()
+        if self.inplace:
+            out_dir = None  # editable install: objects live next to their sources
+        else:
+            out_dir = Path(self.build_lib) / "sockpolicy" / "progs"
+        try:
+            build_progs.compile_all(out_dir)
+        except RuntimeError as exc:
+            sys.exit(f"error: {exc}")
+
+
+setup(
+    cffi_modules=["build_tools/build_libbpf.py:ffibuilder"],
+    cmdclass={"build_ext": BuildExtAndPrograms},
+)

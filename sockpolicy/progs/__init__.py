@@ -1,0 +1,1 @@
+"""BPF C sources; installed next to their compiled ``*.bpf.o`` objects."""
