@@ -10,7 +10,7 @@ from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "build_tools"))
 
-import build_progs  # noqa: E402
+import build_progs
 
 
 class BuildExtAndPrograms(build_ext):
@@ -22,10 +22,8 @@ class BuildExtAndPrograms(build_ext):
         except build_progs.ToolchainMissing as exc:
             sys.exit(f"error: {exc}")
         super().run()
-        if self.inplace:
-            out_dir = None  # editable install: objects live next to their sources
-        else:
-            out_dir = Path(self.build_lib) / "sockpolicy" / "progs"
+        # An editable install keeps the objects next to their sources.
+        out_dir = None if self.inplace else Path(self.build_lib) / "sockpolicy" / "progs"
         try:
             build_progs.compile_all(out_dir)
         except RuntimeError as exc:

@@ -40,7 +40,9 @@ def _multiarch_include() -> list[str]:
 def check_toolchain() -> str:
     clang = shutil.which("clang")
     if clang is None:
-        raise ToolchainMissing(f"clang not found: install the Debian packages: apt-get install {DEBIAN_PACKAGES}")
+        raise ToolchainMissing(
+            f"clang not found: install the Debian packages: apt-get install {DEBIAN_PACKAGES}"
+        )
     if not Path("/usr/include/bpf/bpf_helpers.h").exists():
         raise ToolchainMissing(
             f"libbpf headers not found (/usr/include/bpf/bpf_helpers.h): apt-get install {DEBIAN_PACKAGES}"
