@@ -1,2 +1,449 @@
-def main() -> None:
-    pass
+"""The ``sockpolicy`` command line.
+
+Nouns read (``bindings``, ``status``, ``policy``), verbs change (``serve``, ``bind``, ``unbind``,
+``unload``).  Every user error — bad input, a prefix that is not local, a bad policy file, missing
+privileges, a kernel without the needed features — is printed as exactly one line
+``sockpolicy: error: ...`` on stderr with exit status 2, and is detected before the kernel is touched
+wherever that is possible.  Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+
+from ._policyfile import PolicyFileError
+from ._ranges import InvalidEndpoint, InvalidPrefix, InvalidRange, PrefixNotLocal, RouteCheckError
+from ._serve import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_LABEL,
+    DEFAULT_PORTS,
+    LOG_LEVELS,
+    MAX_WORKERS,
+    ConfigError,
+)
+
+__all__ = ["EXIT_BUG", "EXIT_OK", "EXIT_USAGE", "cli", "main"]
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_PROG = "sockpolicy"
+
+# Input errors defined by sockpolicy itself; SockpolicyError (kernel, privileges) is added lazily.
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidRange,
+    InvalidPrefix,
+    InvalidEndpoint,
+    PrefixNotLocal,
+    RouteCheckError,
+    PolicyFileError,
+    ConfigError,
+)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    try:
+        from ._errors import SockpolicyError
+    except ImportError:  # a broken _errors module must not hide the original error
+        return _USER_ERRORS
+    return (*_USER_ERRORS, SockpolicyError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of the message (verifier logs and the like follow on further lines)."""
+    if isinstance(exc, click.ClickException):
+        text = exc.format_message()  # includes the option name: "Invalid value for '--proto': ..."
+    else:
+        # LoadError keeps the libbpf/verifier log out of .message; str() would include it.
+        message = getattr(exc, "message", None)
+        text = message if isinstance(message, str) and message else str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"{_PROG}: error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+class _Group(click.Group):
+    """Adds the error boundary to click's entry point, so ``main()`` and ``CliRunner`` share it."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> NoReturn:  # type: ignore[override]
+        extra.pop("standalone_mode", None)
+        user_errors = _user_error_types()
+        try:
+            code = super().main(args=args, prog_name=prog_name or _PROG, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # "sockpolicy" on its own: show help on stdout like --help, but as a usage error.
+            click.echo(exc.ctx.get_help() if exc.ctx else "", err=False)
+            sys.exit(EXIT_USAGE)
+        except click.UsageError as exc:
+            hint = ""
+            if exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            _fail(_one_line(exc) + hint)
+        except click.ClickException as exc:
+            _fail(_one_line(exc))
+        except click.Abort:
+            click.echo(f"{_PROG}: aborted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        except user_errors as exc:
+            if os.environ.get("SOCKPOLICY_DEBUG"):
+                raise
+            _fail(_one_line(exc))
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="sockpolicy", prog_name=_PROG)
+def cli() -> None:
+    """Socket-layer proxying and policy with eBPF SK_LOOKUP.
+
+    \b
+    Nouns read:  bindings, status, policy
+    Verbs change: serve, bind, unbind, unload
+
+    User errors print one line 'sockpolicy: error: ...' and exit with status 2.
+    """
+
+
+_proto_option = click.option(
+    "--proto",
+    type=click.Choice(["tcp", "udp", "both"], case_sensitive=False),
+    default="both",
+    show_default=True,
+    help="Transport protocol(s) to steer.",
+)
+_label_option = click.option(
+    "--label",
+    default=DEFAULT_LABEL,
+    show_default=True,
+    metavar="NAME",
+    help="Which socket the traffic is steered to.",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+
+
+@cli.command()
+@click.option(
+    "--ports",
+    default=DEFAULT_PORTS,
+    show_default=True,
+    metavar="RANGES",
+    help="Destination ports to steer, e.g. 80,443,8000-8999.",
+)
+@click.option(
+    "--addr",
+    "addrs",
+    multiple=True,
+    metavar="PREFIX",
+    help="Destination prefix to steer; repeatable; must be routed locally. "
+    "[default: 127.0.0.1/32 and ::1/128]",
+)
+@_proto_option
+@click.option(
+    "--upstream",
+    metavar="HOST[:PORT]",
+    help="Where passed connections go: HOST (at the original destination port), HOST:PORT or [IPV6]:PORT.",
+)
+@click.option(
+    "--policy",
+    "policy_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Policy: a Python module defining 'policy', or TOML [[rule]]s.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, MAX_WORKERS),
+    default=1,
+    show_default=True,
+    help="Processes sharing the label's sockets via SO_REUSEPORT.",
+)
+@_label_option
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_DRAIN_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGINT/SIGTERM, how long open connections may finish.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Logging verbosity (stderr).",
+)
+def serve(
+    ports: str,
+    addrs: tuple[str, ...],
+    proto: str,
+    upstream: str | None,
+    policy_path: str | None,
+    workers: int,
+    label: str,
+    drain_timeout: float,
+    log_level: str,
+) -> None:
+    """Steer traffic to a proxy and run it until SIGINT/SIGTERM.
+
+    Everything is validated before the kernel is touched; on exit the bindings are removed again.
+
+    \b
+    Examples:
+      sockpolicy serve --upstream 127.0.0.2
+      sockpolicy serve --ports 80,443 --addr 127.0.0.0/8 --proto tcp --upstream 127.0.0.2:8080
+      sockpolicy serve --policy rules.toml --workers 4
+    """
+    from ._serve import ServeConfig, require_privileges, serve_main
+
+    config = ServeConfig.from_cli(
+        ports=ports,
+        addrs=addrs,
+        proto=proto,
+        upstream=upstream,
+        policy=policy_path,
+        workers=workers,
+        label=label,
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+    )
+    require_privileges()
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper()),
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    code = serve_main(config)
+    if code:
+        sys.exit(code)
+
+
+def _binding_args(proto: str, addrs: tuple[str, ...], ports: str, label: str, *, check: bool) -> list[Any]:
+    """Validate ``bind``/``unbind`` options and build the Binding objects (one per proto and prefix)."""
+    from ._ranges import check_local, parse_ports, parse_prefix
+    from ._serve import check_label, parse_proto
+
+    port_ranges = parse_ports(ports)
+    prefixes = list(dict.fromkeys(parse_prefix(a) for a in addrs))
+    protos = parse_proto(proto)
+    check_label(label)
+    if check:
+        for prefix in prefixes:
+            check_local(prefix)
+    from ._dispatcher import Binding
+
+    return [Binding(p, prefix, tuple(port_ranges), label) for p in protos for prefix in prefixes]
+
+
+@contextmanager
+def _dispatcher(create: bool) -> Iterator[Any]:
+    from ._dispatcher import Dispatcher
+    from ._serve import require_privileges
+
+    require_privileges()
+    with Dispatcher.open(create=create) as d:
+        yield d
+
+
+def _not_loaded() -> type[BaseException]:
+    from ._errors import NotLoaded
+
+    return NotLoaded
+
+
+def _format_binding(b: Any) -> str:
+    ports = ",".join(str(r) for r in b.ports)
+    return f"{b.proto} {b.prefix} ports {ports} label {b.label}"
+
+
+def _binding_json(b: Any) -> dict[str, Any]:
+    return {
+        "proto": b.proto,
+        "prefix": str(b.prefix),
+        "ports": [str(r) for r in b.ports],
+        "label": b.label,
+    }
+
+
+_binding_options: list[Callable[[Any], Any]] = [
+    _proto_option,
+    click.option(
+        "--addr",
+        "addrs",
+        multiple=True,
+        required=True,
+        metavar="PREFIX",
+        help="Destination prefix; repeatable.",
+    ),
+    click.option(
+        "--ports", required=True, metavar="RANGES", help="Destination ports, e.g. 80,443,8000-8999."
+    ),
+    _label_option,
+]
+
+
+def _with_binding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_binding_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@_with_binding_options
+def bind(proto: str, addrs: tuple[str, ...], ports: str, label: str) -> None:
+    """Add a binding: steer PROTO traffic for PREFIX and RANGES to LABEL's socket.
+
+    Loads the dispatcher if needed.  The prefix must be routed locally.
+
+    \b
+    Example:
+      sockpolicy bind --proto tcp --addr 127.0.0.0/8 --ports 1-65535 --label default
+    """
+    bindings = _binding_args(proto, addrs, ports, label, check=True)
+    with _dispatcher(create=True) as d:
+        added = []
+        try:
+            for b in bindings:
+                d.add_binding(b)
+                added.append(b)
+        except BaseException:
+            # All or nothing: a failed bind leaves no partial state behind.
+            for b in reversed(added):
+                d.remove_binding(b)
+            raise
+    for b in bindings:
+        click.echo(f"bound {_format_binding(b)}")
+
+
+@cli.command()
+@_with_binding_options
+def unbind(proto: str, addrs: tuple[str, ...], ports: str, label: str) -> None:
+    """Remove a binding, given exactly as it was added.
+
+    \b
+    Example:
+      sockpolicy unbind --proto tcp --addr 127.0.0.0/8 --ports 1-65535 --label default
+    """
+    # No locality check: a binding must stay removable after its route is gone.
+    bindings = _binding_args(proto, addrs, ports, label, check=False)
+    with _dispatcher(create=False) as d:
+        for b in bindings:
+            d.remove_binding(b)
+    for b in bindings:
+        click.echo(f"unbound {_format_binding(b)}")
+
+
+@cli.command()
+def unload() -> None:
+    """Detach the dispatcher and remove its pinned state in this network namespace.
+
+    Succeeds (with a note on stderr) when nothing is loaded.
+    """
+    try:
+        with _dispatcher(create=False) as d:
+            d.unload()
+    except _not_loaded():
+        click.echo(f"{_PROG}: nothing loaded", err=True)
+        return
+    click.echo("unloaded")
+
+
+@cli.command()
+@_json_option
+def bindings(as_json: bool) -> None:
+    """List the bindings, one per line, in the form 'bind' takes.
+
+    Prints nothing when the dispatcher is not loaded.
+    """
+    try:
+        with _dispatcher(create=False) as d:
+            items = list(d.bindings())
+    except _not_loaded():
+        items = []
+    if as_json:
+        click.echo(json.dumps([_binding_json(b) for b in items], indent=2))
+        return
+    for b in items:
+        click.echo(_format_binding(b))
+
+
+@cli.command()
+@_json_option
+def status(as_json: bool) -> None:
+    """Show whether the dispatcher is loaded, its bindings, sockets and counters."""
+    try:
+        with _dispatcher(create=False) as d:
+            items = list(d.bindings())
+            sockets = dict(d.sockets())
+            counters = dict(d.counters())
+        loaded = True
+    except _not_loaded():
+        loaded, items, sockets, counters = False, [], {}, {}
+    if as_json:
+        doc = {
+            "loaded": loaded,
+            "bindings": [_binding_json(b) for b in items],
+            "sockets": {str(k): _jsonable(v) for k, v in sockets.items()},
+            "counters": {str(k): _jsonable(v) for k, v in counters.items()},
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"dispatcher: {'loaded' if loaded else 'not loaded'}")
+    if not loaded:
+        return
+    click.echo(f"bindings: {len(items)}")
+    for b in items:
+        click.echo(f"  {_format_binding(b)}")
+    click.echo(f"sockets: {len(sockets)}")
+    for key, value in sockets.items():
+        click.echo(f"  {key}: {value}")
+    click.echo("counters:")
+    for group, values in counters.items():
+        shown = " ".join(f"{k}={v}" for k, v in values.items()) if isinstance(values, dict) else values
+        click.echo(f"  {group}: {shown}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+@cli.command("policy")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+def policy_cmd(path: str) -> None:
+    """Check a policy file and print its rules (TOML) or confirm it loads (Python)."""
+    from ._policyfile import load_policy, load_rules
+
+    if path.endswith(".toml"):
+        rules = load_rules(path)
+        for rule in rules:
+            click.echo(str(rule))
+        click.echo(f"{path}: {len(rules)} rule(s), unmatched connections pass")
+    else:
+        load_policy(path)
+        click.echo(f"{path}: ok")
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point (``sockpolicy``) and ``python -m sockpolicy``."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name=_PROG)
