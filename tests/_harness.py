@@ -509,10 +509,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(f"privileged test: {problem}")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+    report = yield
     if (
         report.skipped
         and not hasattr(report, "wasxfail")
@@ -525,6 +524,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             f"privileged test skipped under {REQUIRE_PRIVILEGED_ENV}=1, which makes any skip a failure: "
             f"{reason}"
         )
+    return report
 
 
 @pytest.fixture(autouse=True)
