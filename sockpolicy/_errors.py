@@ -56,8 +56,13 @@ class BpfError(SockpolicyError, OSError):
         return text
 
 
-class KeyNotFound(BpfError, LookupError):
-    """The key is not in the map, or the pinned object does not exist (ENOENT)."""
+class KeyNotFound(BpfError, KeyError):
+    """The key is not in the map, or the pinned object does not exist (ENOENT).
+
+    Also a :class:`KeyError` (hence a :class:`LookupError`), so that ``except KeyError`` around
+    ``typed_map[key]`` works as with a dict; :meth:`BpfError.__str__` keeps the message readable (KeyError's
+    own ``__str__`` would print the repr of the first argument).
+    """
 
     reason = "not found"
 
@@ -134,7 +139,18 @@ class VerifierError(LoadError):
 
 
 class BadSocket(SockpolicyError, ValueError):
-    """A socket of the wrong kind or state was given (checked before the kernel sees it)."""
+    """A socket of the wrong kind or state was given.
+
+    Raised by the checks in :mod:`sockpolicy.maps` before the kernel sees the socket (``errno`` 0), and by
+    :meth:`sockpolicy.Map.update` on a SOCKMAP/SOCKHASH when the kernel refuses the socket with EOPNOTSUPP
+    (``errno`` set): that errno there means "this socket cannot go into a socket map", not "old kernel".
+
+    :ivar errno: the kernel's errno, or 0 when the check happened in userspace.
+    """
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class ClosedError(SockpolicyError, ValueError):

@@ -15,6 +15,7 @@ import contextlib
 import enum
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -260,9 +261,22 @@ class Map(_FdOwner):
         :raises KeyExists: ``flags`` is NOEXIST and the key is present.
         :raises KeyNotFound: ``flags`` is EXIST and the key is absent.
         :raises MapFull: no room for a new key.
+        :raises BadSocket: on a SOCKMAP/SOCKHASH, the kernel refused the socket (EOPNOTSUPP: wrong kind of
+            socket, or a TCP socket neither listening nor established, or an unbound UDP socket).
         """
         self._check_key(key)
-        _libbpf.map_update(self.fd, key, value, int(flags), self._ctx(key))
+        try:
+            _libbpf.map_update(self.fd, key, value, int(flags), self._ctx(key))
+        except _errors.NotSupported as exc:
+            # For a socket map EOPNOTSUPP judges the socket, not the kernel's age: say so.
+            if self.type not in _SOCK_MAP_TYPES:
+                raise
+            fd = int.from_bytes(value, sys.byteorder, signed=True)
+            raise _errors.BadSocket(
+                f"map {self.name!r}: the kernel refused socket fd {fd} (EOPNOTSUPP): a socket map takes "
+                "listening or established TCP, bound UDP and connected unix stream sockets",
+                exc.errno,
+            ) from None
 
     def delete(self, key: bytes) -> None:
         """Remove ``key``.  :raises KeyNotFound: absent."""
