@@ -107,7 +107,9 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    name=_PROG, cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(package_name="sockpolicy", prog_name=_PROG)
 def cli() -> None:
     """Socket-layer proxying and policy with eBPF SK_LOOKUP.
