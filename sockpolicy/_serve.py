@@ -156,7 +156,7 @@ class ServeConfig:
 
     @property
     def needs_ipv6(self) -> bool:
-        """Whether any prefix is IPv6, which makes the listening sockets IPv6 dual-stack."""
+        """Whether any prefix is IPv6, which needs IPv6 listening sockets."""
         return any(p.version == 6 for p in self.addrs)
 
     def bindings(self) -> list[tuple[str, IPNetwork, PortRanges, str]]:
@@ -218,58 +218,63 @@ def _check_no_loop(
 
 @dataclass
 class ListenSockets:
-    """One worker's listening sockets: at most one TCP and one UDP socket."""
+    """One worker's listening sockets, keyed by ``(proto, family)``: ``("tcp", 4)``, ``("udp", 6)``, ..."""
 
-    tcp: socket.socket | None = None
-    udp: socket.socket | None = None
+    socks: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
 
     def all(self) -> list[socket.socket]:
-        return [s for s in (self.tcp, self.udp) if s is not None]
+        return list(self.socks.values())
 
-    def by_proto(self) -> dict[str, socket.socket]:
-        return {p: s for p, s in (("tcp", self.tcp), ("udp", self.udp)) if s is not None}
+    def of(self, proto: str) -> list[socket.socket]:
+        """The sockets of one protocol, IPv4 first."""
+        return [s for (p, _), s in sorted(self.socks.items()) if p == proto]
+
+    def addresses(self) -> dict[str, tuple[Any, ...]]:
+        """``{"tcp4": ("127.0.0.1", port), ...}`` for logs and tests."""
+        return {f"{p}{v}": s.getsockname() for (p, v), s in sorted(self.socks.items())}
 
     def close(self) -> None:
-        for s in self.all():
+        for s in self.socks.values():
             s.close()
 
 
 def create_sockets(config: ServeConfig, *, like: ListenSockets | None = None) -> ListenSockets:
-    """Create the listening sockets for one worker.
+    """Create the listening sockets for one worker: per protocol, one per address family in play.
 
-    With an IPv6 prefix in play the sockets are IPv6 dual-stack (``IPV6_V6ONLY=0``) bound to ``::1``,
-    because SK_LOOKUP may hand IPv4 traffic to a dual-stack socket: one socket per protocol then
-    serves both families.  Otherwise they are IPv4 sockets bound to ``127.0.0.1``.  The bound address
-    only matters for traffic that is not steered; steered traffic arrives whatever it is.
+    IPv4 sockets bind to ``127.0.0.1`` and IPv6 sockets to ``::1``, port 0, so that traffic which is
+    not steered can only reach them over loopback; steered traffic arrives whatever they are bound to.
+    (A dual-stack socket cannot be bound to ``::1``: binding any specific IPv6 address makes the kernel
+    set ``IPV6_V6ONLY``, and binding ``::`` would expose the port on every interface.  The dispatcher
+    has a slot per family, so a separate IPv4 socket is the loopback-only way to take IPv4 traffic.)
 
     ``SO_REUSEPORT`` is always set.  With ``like`` the new sockets bind to the same ports as ``like``
-    and so join its reuseport group: the dispatcher holds one socket per label, and the kernel's
-    reuseport selection spreads the steered traffic over every worker's socket.
+    and so join its reuseport groups: the dispatcher holds one socket per label, protocol and family,
+    and the kernel's reuseport selection spreads the steered traffic over every worker's socket.
 
     :raises ConfigError: if the sockets cannot be created (e.g. IPv6 disabled).
     """
-    family, host = (socket.AF_INET6, "::1") if config.needs_ipv6 else (socket.AF_INET, "127.0.0.1")
+    families = sorted({p.version for p in config.addrs})
     out = ListenSockets()
+    host = ""
     try:
         for proto in config.protos:
             kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-            sock = socket.socket(family, kind)
-            setattr(out, proto, sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            if kind == socket.SOCK_STREAM:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sibling = getattr(like, proto) if like is not None else None
-            port = sibling.getsockname()[1] if sibling is not None else 0
-            sock.bind((host, port))
-            if kind == socket.SOCK_STREAM:
-                sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
+            for version in families:
+                family, host = (socket.AF_INET6, "::1") if version == 6 else (socket.AF_INET, "127.0.0.1")
+                sock = socket.socket(family, kind)
+                out.socks[(proto, version)] = sock
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if kind == socket.SOCK_STREAM:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sibling = like.socks.get((proto, version)) if like is not None else None
+                sock.bind((host, sibling.getsockname()[1] if sibling is not None else 0))
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(socket.SOMAXCONN)
+                sock.setblocking(False)
     except OSError as exc:
         out.close()
-        if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and family == socket.AF_INET6:
-            raise ConfigError(f"cannot listen on [{host}]: IPv6 is not available ({exc.strerror})") from None
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and host == "::1":
+            raise ConfigError(f"cannot listen on [::1]: IPv6 is not available ({exc.strerror})") from None
         raise ConfigError(f"cannot create listening sockets on {host}: {exc.strerror or exc}") from None
     return out
 
@@ -386,8 +391,8 @@ async def run_worker(
     policy = config.policy if config.policy is not None else Policy()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            tcp = [trio.socket.from_stdlib_socket(sockets.tcp)] if sockets.tcp is not None else []
-            udp = [trio.socket.from_stdlib_socket(sockets.udp)] if sockets.udp is not None else []
+            tcp = [trio.socket.from_stdlib_socket(s) for s in sockets.of("tcp")]
+            udp = [trio.socket.from_stdlib_socket(s) for s in sockets.of("udp")]
             server = await nursery.start(
                 _serve_kwargs(serve),
                 policy,
@@ -396,9 +401,7 @@ async def run_worker(
                 config.upstream,
                 config.label,
             )
-            task_status.started(
-                ServeInfo(config.label, {p: s.getsockname() for p, s in sockets.by_proto().items()})
-            )
+            task_status.started(ServeInfo(config.label, sockets.addresses()))
             async for signum in signals:
                 log.info(
                     "received %s; draining for up to %.1fs", signal.Signals(signum).name, config.drain_timeout
