@@ -220,7 +220,11 @@ def from_errno(
         return MapFull(errno, op, context)
     if errno in (_errno.EPERM, _errno.EACCES):
         missing = missing_capabilities()
-        detail = f"missing capability {' and '.join(missing)} (run as root)" if missing else ""
+        detail = ""
+        if missing:
+            # "run as root" only helps a non-root caller; root without the capability needs them granted.
+            hint = "run as root" if os.geteuid() != 0 else "root, but they were dropped from this process"
+            detail = f"missing capability {' and '.join(missing)} ({hint})"
         return PermissionDenied(errno, op, context, detail)
     if errno in (ENOTSUPP, _errno.EOPNOTSUPP) or (feature and errno == _errno.EINVAL):
         return NotSupported(errno, op, context, feature=feature, min_kernel=min_kernel)
