@@ -10,6 +10,7 @@ functions; :func:`_check` and :func:`_check_ptr` are the two places that turn th
 
 from __future__ import annotations
 
+import errno as _errno
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -303,10 +304,23 @@ def map_create(
     opts.sz = ffi.sizeof("struct bpf_map_create_opts")
     opts.map_flags = flags
     type_name = map_type_name(map_type)
+    context = {"map": name, "type": type_name}
+    ret = lib.bpf_map_create(
+        map_type, name.encode()[:15] or ffi.NULL, key_size, value_size, max_entries, opts
+    )
+    if ret == -_errno.EINVAL and probe_map_type(map_type):
+        # The kernel has this map type, so EINVAL judges the sizes or flags, not the kernel's age.
+        raise _errors.InvalidArgument(
+            -ret,
+            "map_create",
+            context,
+            f"the kernel refused key_size={key_size} value_size={value_size} max_entries={max_entries} "
+            f"flags={flags:#x} for a {type_name} map",
+        )
     return _check(
-        lib.bpf_map_create(map_type, name.encode()[:15] or ffi.NULL, key_size, value_size, max_entries, opts),
+        ret,
         "map_create",
-        {"map": name, "type": type_name},
+        context,
         feature=f"{type_name} maps",
         min_kernel=MAP_TYPE_MIN_KERNEL.get(type_name, ""),
     )

@@ -625,6 +625,19 @@ def _fd_of(sock: SocketLike) -> int:
     return fd
 
 
+def _describe_fd(fd: int, mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")  # e.g. anon_inode:bpf-map
+    except OSError:
+        return "something else"
+
+
 @contextlib.contextmanager
 def _socket_view(sock: SocketLike) -> Iterator[tuple[socket.socket, int]]:
     """A :class:`socket.socket` for ``sock`` without taking ownership of its fd.
@@ -637,8 +650,7 @@ def _socket_view(sock: SocketLike) -> Iterator[tuple[socket.socket, int]]:
     except OSError:
         raise BadSocket(f"fd {fd} is closed") from None
     if not stat.S_ISSOCK(mode):
-        kind = "a regular file" if stat.S_ISREG(mode) else "not a socket"
-        raise BadSocket(f"fd {fd} is not a socket ({kind})")
+        raise BadSocket(f"fd {fd} is not a socket ({_describe_fd(fd, mode)})")
     if isinstance(sock, socket.socket):
         yield sock, fd
         return
