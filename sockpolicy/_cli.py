@@ -52,11 +52,21 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = list(_USER_ERRORS)
+    # Imported lazily and guarded: a broken backend module must not hide the error being reported.
     try:
         from ._errors import SockpolicyError
-    except ImportError:  # a broken _errors module must not hide the original error
-        return _USER_ERRORS
-    return (*_USER_ERRORS, SockpolicyError)
+
+        types.append(SockpolicyError)
+    except ImportError:
+        pass
+    try:
+        from ._dispatcher import BindingConflict, InvalidLabel
+
+        types += [BindingConflict, InvalidLabel]
+    except ImportError:
+        pass
+    return tuple(types)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -249,7 +259,8 @@ def _binding_args(proto: str, addrs: tuple[str, ...], ports: str, label: str, *,
             check_local(prefix)
     from ._dispatcher import Binding
 
-    return [Binding(p, prefix, tuple(port_ranges), label) for p in protos for prefix in prefixes]
+    # A dispatcher binding holds one port range: "80,443" is two bindings per protocol and prefix.
+    return [Binding(p, prefix, r, label) for p in protos for prefix in prefixes for r in port_ranges]
 
 
 @contextmanager
@@ -269,17 +280,12 @@ def _not_loaded() -> type[BaseException]:
 
 
 def _format_binding(b: Any) -> str:
-    ports = ",".join(str(r) for r in b.ports)
-    return f"{b.proto} {b.prefix} ports {ports} label {b.label}"
+    """The binding in the option syntax of ``bind``/``unbind``."""
+    return f"{b.proto} {b.prefix} ports {b.ports} label {b.label}"
 
 
 def _binding_json(b: Any) -> dict[str, Any]:
-    return {
-        "proto": b.proto,
-        "prefix": str(b.prefix),
-        "ports": [str(r) for r in b.ports],
-        "label": b.label,
-    }
+    return {"proto": b.proto, "prefix": str(b.prefix), "ports": str(b.ports), "label": b.label}
 
 
 _binding_options: list[Callable[[Any], Any]] = [
@@ -318,9 +324,12 @@ def bind(proto: str, addrs: tuple[str, ...], ports: str, label: str) -> None:
     """
     bindings = _binding_args(proto, addrs, ports, label, check=True)
     with _dispatcher(create=True) as d:
+        existing = set(d.bindings())
         added = []
         try:
             for b in bindings:
+                if b in existing:  # add_binding would be a no-op; rolling it back would not
+                    continue
                 d.add_binding(b)
                 added.append(b)
         except BaseException:
@@ -411,9 +420,14 @@ def status(as_json: bool) -> None:
     click.echo(f"bindings: {len(items)}")
     for b in items:
         click.echo(f"  {_format_binding(b)}")
-    click.echo(f"sockets: {len(sockets)}")
-    for key, value in sockets.items():
-        click.echo(f"  {key}: {value}")
+    click.echo("sockets:")
+    for label, entries in sockets.items():
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, dict):
+                shown = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
+            else:
+                shown = str(entry)
+            click.echo(f"  {label}: {shown}")
     click.echo("counters:")
     for group, values in counters.items():
         shown = " ".join(f"{k}={v}" for k, v in values.items()) if isinstance(values, dict) else values

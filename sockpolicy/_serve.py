@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -23,7 +24,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ import trio
 from ._ranges import (
     InvalidEndpoint,
     IPNetwork,
+    PortRange,
     PortRanges,
     check_local,
     parse_endpoint,
@@ -68,7 +70,8 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 256
 
-_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# The dispatcher stores labels in a 32-byte map key: 1-31 characters (sockpolicy._dispatcher.check_label).
+_LABEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,31}")
 
 
 class ConfigError(ValueError):
@@ -159,9 +162,17 @@ class ServeConfig:
         """Whether any prefix is IPv6, which needs IPv6 listening sockets."""
         return any(p.version == 6 for p in self.addrs)
 
-    def bindings(self) -> list[tuple[str, IPNetwork, PortRanges, str]]:
-        """``(proto, prefix, ports, label)`` for every binding this config adds, in a stable order."""
-        return [(proto, prefix, self.ports, self.label) for proto in self.protos for prefix in self.addrs]
+    def bindings(self) -> list[tuple[str, IPNetwork, PortRange, str]]:
+        """``(proto, prefix, port range, label)`` for every binding this config adds, in a stable order.
+
+        A dispatcher binding holds one port range, so ``--ports 80,443`` gives two bindings per prefix.
+        """
+        return [
+            (proto, prefix, ports, self.label)
+            for proto in self.protos
+            for prefix in self.addrs
+            for ports in self.ports
+        ]
 
 
 def parse_proto(proto: str) -> tuple[str, ...]:
@@ -177,10 +188,7 @@ def parse_proto(proto: str) -> tuple[str, ...]:
 def check_label(label: str) -> None:
     """Labels name a socket slot in the dispatcher and appear in ``status`` output."""
     if not _LABEL_RE.fullmatch(label):
-        raise ConfigError(
-            f"invalid label {label!r}: use 1-63 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
+        raise ConfigError(f"invalid label {label!r}: use 1-31 characters from A-Z a-z 0-9 _ . -")
 
 
 def _parse_upstream(text: str) -> tuple[str, int | None]:
@@ -344,8 +352,13 @@ def steering(config: ServeConfig, sockets: ListenSockets) -> Iterator[Steering]:
     with Dispatcher.open(create=True) as dispatcher:
         state = Steering(dispatcher, created)
         try:
+            # add_binding is a no-op for an identical existing binding; such a binding belongs to
+            # whoever made it (e.g. an earlier 'sockpolicy bind'), so it is neither recorded nor removed.
+            existing = set(dispatcher.bindings())
             for proto, prefix, ports, label in config.bindings():
-                binding = Binding(proto, prefix, tuple(ports), label)
+                binding = Binding(proto, prefix, ports, label)
+                if binding in existing:
+                    continue
                 dispatcher.add_binding(binding)
                 state.added.append(binding)
             for sock in sockets.all():
@@ -377,73 +390,37 @@ async def run_worker(
     config: ServeConfig,
     sockets: ListenSockets,
     *,
-    on_stop: Any = None,
+    on_stop: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy on ``sockets`` until SIGINT/SIGTERM, then drain and return.
 
-    Draining: ``on_stop`` (if given) runs first so the dispatcher stops steering new connections
-    here; then the proxy gets up to ``config.drain_timeout`` seconds to finish open connections
-    before it is cancelled.
+    Draining: ``on_stop`` (if given) runs first so that the dispatcher stops steering new connections
+    here; then the proxy stops accepting and gives open connections up to ``config.drain_timeout``
+    seconds (:meth:`ServeHandle.aclose <sockpolicy.proxy.ServeHandle.aclose>`).
     """
     from .proxy import Policy, serve
 
     policy = config.policy if config.policy is not None else Policy()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            tcp = [trio.socket.from_stdlib_socket(s) for s in sockets.of("tcp")]
-            udp = [trio.socket.from_stdlib_socket(s) for s in sockets.of("udp")]
-            server = await nursery.start(
-                _serve_kwargs(serve),
-                policy,
-                tcp,
-                udp,
-                config.upstream,
-                config.label,
+            handle = await nursery.start(
+                functools.partial(
+                    serve,
+                    policy,
+                    tcp_sockets=sockets.of("tcp"),
+                    udp_sockets=sockets.of("udp"),
+                    upstream=config.upstream,
+                    label=config.label,
+                )
             )
             task_status.started(ServeInfo(config.label, sockets.addresses()))
             async for signum in signals:
-                log.info(
-                    "received %s; draining for up to %.1fs", signal.Signals(signum).name, config.drain_timeout
-                )
+                log.info("%s: draining for up to %gs", signal.Signals(signum).name, config.drain_timeout)
                 break
             if on_stop is not None:
                 on_stop()
-            await _drain(server, nursery, config.drain_timeout)
-
-
-def _serve_kwargs(serve: Any) -> Any:
-    """Adapt positional ``nursery.start`` arguments to the proxy's keyword-only ``serve`` signature."""
-
-    async def start(
-        policy: Any,
-        tcp: list[Any],
-        udp: list[Any],
-        upstream: Any,
-        label: str,
-        *,
-        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        await serve(
-            policy, tcp_sockets=tcp, udp_sockets=udp, upstream=upstream, label=label, task_status=task_status
-        )
-
-    return start
-
-
-async def _drain(server: Any, nursery: trio.Nursery, timeout: float) -> None:
-    """Stop accepting, wait up to ``timeout`` for open connections, then cancel the rest.
-
-    Uses the proxy's ``drain(timeout)`` if the object its ``serve`` started with has one; otherwise
-    all that can be done from outside is a grace period followed by cancellation.
-    """
-    drain = getattr(server, "drain", None)
-    if drain is not None:
-        with trio.move_on_after(timeout):
-            await drain()
-    else:
-        await trio.sleep(0)
-    nursery.cancel_scope.cancel()
+            await handle.aclose(config.drain_timeout)
 
 
 async def run_serve(

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +22,8 @@ from click.testing import CliRunner, Result
 
 from sockpolicy import _errors, _serve
 from sockpolicy._cli import cli
+from sockpolicy._dispatcher import Binding as FakeBinding  # a pure value class: no BPF involved
+from sockpolicy._dispatcher import BindingConflict
 
 VENV_BIN = Path(sys.executable).parent
 NON_LOCAL = "198.51.100.0/24"  # TEST-NET-2: documentation only, never routed locally
@@ -45,14 +46,6 @@ def assert_user_error(result: Result, *fragments: str) -> str:
 
 
 # --- a fake dispatcher -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FakeBinding:
-    proto: str
-    prefix: Any
-    ports: tuple[Any, ...]
-    label: str
 
 
 class FakeDispatcher:
@@ -93,7 +86,9 @@ class FakeDispatcher:
                 min_kernel="5.9",
             )
         if b in self.table:
-            raise _errors.KeyExists(errno.EEXIST, "add_binding", {"binding": str(b.prefix)})
+            return  # like the real one: adding an identical binding is a no-op
+        if any(o.key == b.key for o in self.table):
+            raise BindingConflict(f"{b.proto} {b.prefix} {b.ports} is already bound to another label")
         self.table.append(b)
 
     def remove_binding(self, b: FakeBinding) -> None:
@@ -109,8 +104,12 @@ class FakeDispatcher:
         self.calls.append(f"register {label}")
         self.socks[f"{label}/{sock.type.name}/{sock.family.name}"] = sock.fileno()
 
-    def sockets(self) -> dict[str, Any]:
-        return dict(self.socks)
+    def sockets(self) -> dict[str, list[dict[str, Any]]]:
+        return (
+            {"default": [{"proto": "tcp", "family": "ipv4", "cookie": 7, "v6only": None}]}
+            if self.socks
+            else {}
+        )
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {"default": {"lookups": 3, "misses": 1, "errors": 0}}
@@ -124,9 +123,11 @@ class FakeDispatcher:
 @pytest.fixture
 def fake_dispatcher(monkeypatch: pytest.MonkeyPatch) -> type[FakeDispatcher]:
     FakeDispatcher.reset()
+    import sockpolicy._dispatcher as real
+
     module = types.ModuleType("sockpolicy._dispatcher")
+    module.__dict__.update(real.__dict__)  # Binding, BindingConflict, InvalidLabel, ...
     module.Dispatcher = FakeDispatcher  # type: ignore[attr-defined]
-    module.Binding = FakeBinding  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "sockpolicy._dispatcher", module)
     monkeypatch.setattr(_serve, "require_privileges", lambda: None)
     return FakeDispatcher
@@ -348,7 +349,7 @@ def test_bind_unbind_roundtrip(fake_dispatcher: type[FakeDispatcher]) -> None:
     listing = run("bindings")
     assert listing.stdout == "tcp 127.0.0.0/8 ports 1-65535 label L\n"
     data = json.loads(run("bindings", "--json").stdout)
-    assert data == [{"proto": "tcp", "prefix": "127.0.0.0/8", "ports": ["1-65535"], "label": "L"}]
+    assert data == [{"proto": "tcp", "prefix": "127.0.0.0/8", "ports": "1-65535", "label": "L"}]
     result = run("unbind", "--proto", "tcp", "--addr", "127.0.0.0/8", "--ports", "1-65535", "--label", "L")
     assert result.exit_code == 0, result.output
     assert run("bindings").stdout == ""
@@ -357,13 +358,12 @@ def test_bind_unbind_roundtrip(fake_dispatcher: type[FakeDispatcher]) -> None:
 def test_bind_both_protocols_and_two_prefixes(fake_dispatcher: type[FakeDispatcher]) -> None:
     result = run("bind", "--addr", "127.0.0.0/8", "--addr", "::1", "--ports", "80,443")
     assert result.exit_code == 0, result.output
-    assert [(b.proto, str(b.prefix), b.label) for b in fake_dispatcher.table] == [
-        ("tcp", "127.0.0.0/8", "default"),
-        ("tcp", "::1/128", "default"),
-        ("udp", "127.0.0.0/8", "default"),
-        ("udp", "::1/128", "default"),
+    assert [(b.proto, str(b.prefix), str(b.ports), b.label) for b in fake_dispatcher.table] == [
+        (proto, prefix, ports, "default")
+        for proto in ("tcp", "udp")
+        for prefix in ("127.0.0.0/8", "::1/128")
+        for ports in ("80", "443")
     ]
-    assert [str(r) for r in fake_dispatcher.table[0].ports] == ["80", "443"]
 
 
 def test_bind_is_all_or_nothing(fake_dispatcher: type[FakeDispatcher]) -> None:
@@ -390,17 +390,29 @@ def test_bind_bad_input_touches_nothing(
     assert fake_dispatcher.calls == []
 
 
-def test_bind_duplicate_is_user_error(fake_dispatcher: type[FakeDispatcher]) -> None:
+def test_bind_twice_is_idempotent_and_conflicts_are_user_errors(
+    fake_dispatcher: type[FakeDispatcher],
+) -> None:
     args = ["bind", "--proto", "tcp", "--addr", "127.0.0.1", "--ports", "80"]
     assert run(*args).exit_code == 0
-    assert_user_error(run(*args), "already exists (EEXIST)")
+    assert run(*args).exit_code == 0
     assert len(fake_dispatcher.table) == 1
+    assert_user_error(run(*args, "--label", "other"), "already bound to another label")
+    assert len(fake_dispatcher.table) == 1
+
+
+def test_failed_bind_keeps_preexisting_bindings(fake_dispatcher: type[FakeDispatcher]) -> None:
+    assert run("bind", "--proto", "tcp", "--addr", "127.0.0.1", "--ports", "80").exit_code == 0
+    fake_dispatcher.fail_on_add = 1  # the first add is the tcp one above; the next new one fails
+    result = run("bind", "--proto", "tcp", "--addr", "127.0.0.1", "--ports", "80,81")
+    assert_user_error(result, "not supported")
+    assert [str(b) for b in fake_dispatcher.table] == ["tcp 127.0.0.1/32 80 -> default"]
 
 
 def test_unbind_skips_locality_check(fake_dispatcher: type[FakeDispatcher]) -> None:
     fake_dispatcher.loaded = True
     fake_dispatcher.table.append(
-        FakeBinding("tcp", ipaddress.ip_network(NON_LOCAL), tuple(_parse("80")), "default")
+        FakeBinding("tcp", ipaddress.ip_network(NON_LOCAL), _parse("80")[0], "default")
     )
     result = run("unbind", "--proto", "tcp", "--addr", NON_LOCAL, "--ports", "80")
     assert result.exit_code == 0, result.output

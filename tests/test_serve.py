@@ -20,12 +20,14 @@ def test_from_cli_defaults() -> None:
     assert config.addrs == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
     assert config.protos == ("tcp", "udp")
     assert config.needs_ipv6
+    (r,) = config.ports
     assert config.bindings() == [
-        ("tcp", ipaddress.ip_network("127.0.0.1/32"), config.ports, "default"),
-        ("tcp", ipaddress.ip_network("::1/128"), config.ports, "default"),
-        ("udp", ipaddress.ip_network("127.0.0.1/32"), config.ports, "default"),
-        ("udp", ipaddress.ip_network("::1/128"), config.ports, "default"),
+        ("tcp", ipaddress.ip_network("127.0.0.1/32"), r, "default"),
+        ("tcp", ipaddress.ip_network("::1/128"), r, "default"),
+        ("udp", ipaddress.ip_network("127.0.0.1/32"), r, "default"),
+        ("udp", ipaddress.ip_network("::1/128"), r, "default"),
     ]
+    assert len(ServeConfig.from_cli(ports="80,443", proto="tcp").bindings()) == 4
 
 
 def test_from_cli_dedupes_prefixes_and_skips_route_check() -> None:
