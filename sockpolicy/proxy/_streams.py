@@ -1,0 +1,85 @@
+"""Minimal byte-stream endpoints for the TCP relay: a real socket and the built-in echo service.
+
+We use raw trio sockets rather than :class:`trio.SocketStream` because the relay must see the real
+:exc:`OSError` (``ECONNRESET`` is turned into an RST towards the other side) and must be able to
+close with ``SO_LINGER`` 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+
+import trio
+
+__all__ = ["EchoStream", "SockStream", "abort_socket"]
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def abort_socket(sock: trio.socket.SocketType | socket.socket) -> None:
+    """Close ``sock`` with an RST (``SO_LINGER`` on, timeout 0); never raises."""
+    with contextlib.suppress(OSError):  # already dead: close() below is all we can do
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    sock.close()
+
+
+class SockStream:
+    """A connected TCP socket.  Owns the socket: :meth:`close` closes it."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        # Messages are forwarded one by one right after their verdict; Nagle would delay them.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def receive(self, max_bytes: int) -> bytes:
+        """Read up to ``max_bytes``; ``b""`` at EOF.  :raises OSError: e.g. ConnectionResetError."""
+        return await self.sock.recv(max_bytes)
+
+    async def send_all(self, data: bytes) -> None:
+        """Write all of ``data``.  :raises OSError: e.g. BrokenPipeError, ConnectionResetError."""
+        with memoryview(data) as view:
+            while view:
+                sent = await self.sock.send(view)
+                view = view[sent:]
+
+    def send_eof(self) -> None:
+        """Half-close: ``shutdown(SHUT_WR)``.  Errors (peer already gone) are ignored."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self, reset: bool = False) -> None:
+        """Close; with ``reset`` the peer gets an RST instead of a FIN."""
+        if reset:
+            abort_socket(self.sock)
+        else:
+            self.sock.close()
+
+
+class EchoStream:
+    """The built-in echo service seen as an upstream: what is sent comes back, EOF included.
+
+    A small bounded channel gives the same back-pressure a real echo server would.
+    """
+
+    def __init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[bytes](16)
+
+    async def receive(self, max_bytes: int) -> bytes:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return b""
+
+    async def send_all(self, data: bytes) -> None:
+        if data:
+            await self._send.send(bytes(data))
+
+    def send_eof(self) -> None:
+        self._send.close()
+
+    def close(self, reset: bool = False) -> None:
+        self._send.close()
+        self._recv.close()
