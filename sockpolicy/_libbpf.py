@@ -370,11 +370,13 @@ def map_next_key(fd: int, key: bytes | None, key_size: int, context: Mapping[str
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, context: Mapping[str, Any]) -> None:
     name = attach_type_name(attach_type)
-    _check(
-        lib.bpf_prog_attach(prog_fd, target_fd, attach_type, 0),
-        "prog_attach",
-        {**context, "attach_type": name},
-    )
+    ctx = {**context, "attach_type": name}
+    ret = lib.bpf_prog_attach(prog_fd, target_fd, attach_type, 0)
+    if ret == -_errno.EOPNOTSUPP:
+        # The kernel's answer for a target that takes no such program (e.g. SK_SKB on a HASH map): a wrong
+        # argument, not a missing kernel feature.
+        raise _errors.InvalidArgument(-ret, "prog_attach", ctx, f"the target does not take {name} programs")
+    _check(ret, "prog_attach", ctx)
 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int, context: Mapping[str, Any]) -> None:
