@@ -352,6 +352,14 @@ def steering(config: ServeConfig, sockets: ListenSockets) -> Iterator[Steering]:
     with Dispatcher.open(create=True) as dispatcher:
         state = Steering(dispatcher, created)
         try:
+            # Registering replaces the label's sockets, so a second serve on a live label would
+            # silently take its traffic (and later remove bindings the first one relies on).  The
+            # sockmap drops closed sockets, so a registered socket means a live process.
+            if dispatcher.sockets().get(config.label):
+                raise ConfigError(
+                    f"label {config.label!r} is already being served by another process; "
+                    "stop it first, or use another --label (or --workers N for more processes)"
+                )
             # add_binding is a no-op for an identical existing binding; such a binding belongs to
             # whoever made it (e.g. an earlier 'sockpolicy bind'), so it is neither recorded nor removed.
             existing = set(dispatcher.bindings())

@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -575,3 +576,160 @@ def test_python_dash_m_help() -> None:
     proc = _subprocess([sys.executable, "-m", "sockpolicy", "--help"])
     assert proc.returncode == 0
     assert "Usage: sockpolicy" in proc.stdout
+
+
+# --- privileged end to end: real dispatcher, real proxy, in a throwaway network namespace -----------
+
+SCRIPT = str(VENV_BIN / "sockpolicy")
+
+
+def _echo(ns: Any, proto: str, host: str, port: int, payload: bytes = b"hello") -> bytes:
+    """Send ``payload`` from inside ``ns`` and return the reply (b"" if the connection was dropped)."""
+    import socket as socketlib
+
+    def go() -> bytes:
+        family = socketlib.AF_INET6 if ":" in host else socketlib.AF_INET
+        kind = socketlib.SOCK_STREAM if proto == "tcp" else socketlib.SOCK_DGRAM
+        with socketlib.socket(family, kind) as s:
+            s.settimeout(2)
+            if proto == "tcp":
+                s.connect((host, port))
+                s.sendall(payload)
+                try:
+                    return s.recv(100)
+                except ConnectionResetError:
+                    return b""
+            s.sendto(payload, (host, port))
+            return s.recvfrom(100)[0]
+
+    return ns.call(go)
+
+
+def _wait_echo(ns: Any, proto: str, host: str, port: int, proc: subprocess.Popen[str]) -> bytes:
+    import time
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return _echo(ns, proto, host, port)
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited with {proc.returncode}: {proc.stderr.read()}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _in_ns(ns: Any) -> list[str]:
+    # nsenter, not "ip netns exec": the latter also makes a mount namespace with a fresh /sys, where
+    # bpffs is not mounted.  nsenter execs the command, so a Popen pid is sockpolicy itself.
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        pytest.skip("nsenter (util-linux) not installed")
+    return [nsenter, f"--net={ns.path}"]
+
+
+def _sp(ns: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return _subprocess([*_in_ns(ns), SCRIPT, *args])
+
+
+def _serve(ns: Any, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*_in_ns(ns), SCRIPT, "serve", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+@pytest.mark.privileged
+def test_e2e_serve_steers_applies_toml_policy_and_cleans_up(netns: Any, tmp_path: Path) -> None:
+    policy = write(
+        tmp_path, "p.toml", '[[rule]]\nname = "no-8022"\nproto = "tcp"\nports = "8022"\naction = "drop"\n'
+    )
+    proc = _serve(
+        netns, "--ports", "8000-8999", "--addr", "127.0.0.0/8", "--addr", "::1", "--policy", str(policy)
+    )
+    try:
+        assert _wait_echo(netns, "tcp", "127.0.0.5", 8123, proc) == b"hello"
+        assert _echo(netns, "tcp", "::1", 8999) == b"hello"
+        assert _echo(netns, "udp", "127.0.0.1", 8000) == b"hello"
+        assert _echo(netns, "tcp", "127.0.0.1", 8022) == b""  # dropped by the TOML rule
+        listing = _sp(netns, "bindings").stdout.splitlines()
+        assert "tcp 127.0.0.0/8 ports 8000-8999 label default" in listing
+        assert len(listing) == 4
+        status = json.loads(_sp(netns, "status", "--json").stdout)
+        assert {(s["proto"], s["family"]) for s in status["sockets"]["default"]} == {
+            ("tcp", "ipv4"),
+            ("tcp", "ipv6"),
+            ("udp", "ipv4"),
+            ("udp", "ipv6"),
+        }
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+    assert "Traceback" not in err
+    # serve loaded the dispatcher, so it unloaded it again: nothing attached or pinned is left.
+    assert _sp(netns, "status").stdout == "dispatcher: not loaded\n"
+
+
+@pytest.mark.privileged
+def test_e2e_failed_serve_leaves_the_running_one_alone(netns: Any) -> None:
+    proc = _serve(netns, "--ports", "9000-9099", "--addr", "127.0.0.1", "--proto", "tcp")
+    try:
+        assert _wait_echo(netns, "tcp", "127.0.0.1", 9050, proc) == b"hello"
+        before = _sp(netns, "bindings").stdout
+        second = _sp(netns, "serve", "--ports", "9000-9099", "--addr", "127.0.0.1")
+        assert second.returncode == 2
+        assert second.stderr.startswith("sockpolicy: error: label 'default' is already being served")
+        assert len(second.stderr.splitlines()) == 1
+        assert _sp(netns, "bindings").stdout == before
+        assert _echo(netns, "tcp", "127.0.0.1", 9050) == b"hello"
+        # A non-local prefix fails before anything changes.
+        third = _sp(netns, "bind", "--addr", NON_LOCAL, "--ports", "80")
+        assert third.returncode == 2 and "ip route add local" in third.stderr
+        assert _sp(netns, "bindings").stdout == before
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+
+
+@pytest.mark.privileged
+def test_e2e_workers_and_local_route(netns: Any) -> None:
+    netns.ip("route", "add", "local", NON_LOCAL, "dev", "lo")
+    proc = _serve(netns, "--workers", "3", "--addr", NON_LOCAL, "--ports", "7000", "--proto", "tcp")
+    try:
+        assert _wait_echo(netns, "tcp", "198.51.100.77", 7000, proc) == b"hello"
+        for _ in range(20):
+            assert _echo(netns, "tcp", "198.51.100.9", 7000) == b"hello"
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+    assert _sp(netns, "status").stdout == "dispatcher: not loaded\n"
+
+
+@pytest.mark.privileged
+def test_e2e_bind_unbind_unload(netns: Any) -> None:
+    args = ["--proto", "udp", "--addr", "127.0.0.0/8", "--ports", "53,5353"]
+    assert _sp(netns, "bind", *args).returncode == 0
+    assert _sp(netns, "bindings").stdout.splitlines() == [
+        "udp 127.0.0.0/8 ports 53 label default",
+        "udp 127.0.0.0/8 ports 5353 label default",
+    ]
+    assert _sp(netns, "unbind", *args).returncode == 0
+    assert _sp(netns, "bindings").stdout == ""
+    assert _sp(netns, "unload").stdout == "unloaded\n"
+    assert _sp(netns, "status").stdout == "dispatcher: not loaded\n"

@@ -150,3 +150,20 @@ def test_failed_steering_leaves_nothing(fake_dispatcher: type[FakeDispatcher]) -
         assert not any(c.startswith("register") for c in FakeDispatcher.calls)
     finally:
         sockets.close()
+
+
+def test_steering_refuses_a_label_already_served(fake_dispatcher: type[FakeDispatcher]) -> None:  # noqa: F811
+    config = ServeConfig.from_cli(addrs=["127.0.0.0/8"], proto="tcp")
+    first, second = create_sockets(config), create_sockets(config)
+    try:
+        with steering(config, first):
+            with (
+                pytest.raises(ConfigError, match="already being served by another process"),
+                steering(config, second),
+            ):
+                raise AssertionError("not reached")
+            assert len(FakeDispatcher.table) == 1  # the first serve's binding is untouched
+        assert FakeDispatcher.table == []
+    finally:
+        first.close()
+        second.close()
