@@ -633,7 +633,7 @@ def _sp(ns: Any, *args: str) -> subprocess.CompletedProcess[str]:
     return _subprocess([*_in_ns(ns), SCRIPT, *args])
 
 
-def _serve(ns: Any, *args: str) -> subprocess.Popen[str]:
+def _start_serve(ns: Any, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*_in_ns(ns), SCRIPT, "serve", *args],
         stdin=subprocess.DEVNULL,
@@ -660,7 +660,7 @@ def test_e2e_serve_steers_applies_toml_policy_and_cleans_up(netns: Any, tmp_path
     policy = write(
         tmp_path, "p.toml", '[[rule]]\nname = "no-8022"\nproto = "tcp"\nports = "8022"\naction = "drop"\n'
     )
-    proc = _serve(
+    proc = _start_serve(
         netns, "--ports", "8000-8999", "--addr", "127.0.0.0/8", "--addr", "::1", "--policy", str(policy)
     )
     try:
@@ -688,7 +688,7 @@ def test_e2e_serve_steers_applies_toml_policy_and_cleans_up(netns: Any, tmp_path
 
 @pytest.mark.privileged
 def test_e2e_failed_serve_leaves_the_running_one_alone(netns: Any) -> None:
-    proc = _serve(netns, "--ports", "9000-9099", "--addr", "127.0.0.1", "--proto", "tcp")
+    proc = _start_serve(netns, "--ports", "9000-9099", "--addr", "127.0.0.1", "--proto", "tcp")
     try:
         assert _wait_echo(netns, "tcp", "127.0.0.1", 9050, proc) == b"hello"
         before = _sp(netns, "bindings").stdout
@@ -710,7 +710,7 @@ def test_e2e_failed_serve_leaves_the_running_one_alone(netns: Any) -> None:
 @pytest.mark.privileged
 def test_e2e_workers_and_local_route(netns: Any) -> None:
     netns.ip("route", "add", "local", NON_LOCAL, "dev", "lo")
-    proc = _serve(netns, "--workers", "3", "--addr", NON_LOCAL, "--ports", "7000", "--proto", "tcp")
+    proc = _start_serve(netns, "--workers", "3", "--addr", NON_LOCAL, "--ports", "7000", "--proto", "tcp")
     try:
         assert _wait_echo(netns, "tcp", "198.51.100.77", 7000, proc) == b"hello"
         for _ in range(20):
