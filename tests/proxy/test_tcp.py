@@ -16,6 +16,8 @@ from sockpolicy.proxy import (
     Connection,
     Direction,
     Drop,
+    HttpHeadFramer,
+    LengthPrefixFramer,
     LineFramer,
     Message,
     Pass,
@@ -454,3 +456,53 @@ async def test_drain_deadline_cancels(policy: Policy) -> None:
             with trio.fail_after(2):
                 await proxy.handle.aclose(grace=0.1)
             await expect_closed(sock)
+
+
+async def test_http_framer_end_to_end(policy: Policy) -> None:
+    seen: list[tuple[Direction, bytes]] = []
+
+    @policy.on_message(framer=HttpHeadFramer())
+    def cb(conn: Connection, msg: Message):
+        seen.append((msg.direction, msg.data))
+        if msg.direction is Direction.TO_UPSTREAM and msg.data.startswith(b"GET"):
+            return Rewrite(msg.data.replace(b"Host: a", b"Host: b"))
+        return Pass()
+
+    responses = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"  # answers HEAD: no body
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+
+    async def reply(sock) -> None:
+        await sendall(sock, responses)
+
+    requests = b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    async with (
+        upstream_server(reply=None, on_eof=reply) as up,
+        running_proxy(policy, upstream=up.addr) as proxy,
+    ):
+        # Requests in 3-byte writes: framing must not depend on how the bytes arrive.
+        got = await _exchange(proxy.addr, [requests[i : i + 3] for i in range(0, len(requests), 3)])
+        assert got == responses
+        assert up.data == requests.replace(b"GET /x HTTP/1.1\r\nHost: a", b"GET /x HTTP/1.1\r\nHost: b")
+    assert seen == [
+        (Direction.TO_UPSTREAM, b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        (Direction.TO_UPSTREAM, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"),
+        (Direction.TO_CLIENT, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+        (Direction.TO_CLIENT, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        (Direction.TO_CLIENT, b"3\r\nabc\r\n"),
+        (Direction.TO_CLIENT, b"0\r\n\r\n"),
+    ]
+
+
+async def test_length_prefix_framer_end_to_end(policy: Policy) -> None:
+    frames = [len(p).to_bytes(2, "big") + p for p in (b"keep", b"DROPME", b"", b"x" * 300)]
+    policy.on_message(framer=LengthPrefixFramer(), direction=Direction.TO_UPSTREAM)(
+        lambda c, m: Drop() if b"DROPME" in m.data else Pass()
+    )
+    async with upstream_server(reply=None) as up, running_proxy(policy, upstream=up.addr) as proxy:
+        data = b"".join(frames)
+        await _exchange(proxy.addr, [data[i : i + 1] for i in range(len(data))])
+        with trio.fail_after(TIMEOUT):
+            await up.done.wait()
+        assert up.data == frames[0] + frames[2] + frames[3]
