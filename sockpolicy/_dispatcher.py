@@ -10,7 +10,8 @@ one network namespace.  See ``docs/dispatcher.md`` for the design; in short:
   socket: the connection is refused (and the label's ``misses`` counter counts it);
 - port ranges are never enumerated: ports are grouped into *classes* (sets of ports covered by exactly
   the same ranges); the program maps port -> class with an array and (proto, class, address) -> label
-  with one LPM trie;
+  with one LPM trie.  Bindings over all ports (1-65535) stay out of the classes: they sit under the
+  reserved class 0 and the program looks them up separately;
 - every change builds the complete new tables in the inactive *generation* and then flips one word, so
   the program never sees a half-written table.
 """
@@ -49,8 +50,9 @@ from sockpolicy._state import (
 
 __all__ = ["Binding", "Dispatcher", "InvalidLabel", "TableTooLarge", "compute_tables", "reference_decision"]
 
-LAYOUT_VERSION = 1  # struct config.version in dispatch.bpf.c; bump when the map layout changes
+LAYOUT_VERSION = 2  # struct config.version in dispatch.bpf.c; bump when the map layout changes
 NUM_PORTS = 65536
+ALL_PORTS = (1, 65535)
 KEY_HEADER_BITS = 40  # gen + proto + class + family, in front of the address in a trie key
 MAX_LABELS = 16384  # label ids 1..MAX_LABELS-1; id 0 is the "matched no binding" counter slot
 DEFAULT_TRIE_ENTRIES = 1 << 20
@@ -67,6 +69,8 @@ _CONFIG = struct.Struct("<IIQII")  # active_gen, dirty, serial, version, pad
 _BINDING_KEY = struct.Struct("<BBBxHH16s")  # proto, family, prefixlen, lo, hi, addr
 _TRIE_TAIL = struct.Struct(">BHB16s")  # proto, class (network order), family, addr: after prefixlen+gen
 _U32 = struct.Struct("<I")
+_TRIE_VALUE = struct.Struct("<II")  # label id, prefix length of the binding
+_TABLE_TAIL = struct.Struct("<II")  # has_all_ports, pad: after the 65536 class ids
 _U64 = struct.Struct("<Q")
 _SOCK_META = struct.Struct("<QII")  # cookie, v6only, pad
 _COUNTERS = struct.Struct("<QQQ")  # lookups, misses, errors
@@ -133,12 +137,24 @@ class Binding:
             ports = PortRange.parse(ports)
         elif isinstance(ports, int):
             ports = PortRange(ports, ports)
+        elif isinstance(ports, tuple | list) and len(ports) == 1 and isinstance(ports[0], PortRange):
+            ports = ports[0]  # a one-range PortRanges (what parse_ports returns for "80")
+        elif isinstance(ports, tuple | list) and any(isinstance(p, PortRange) for p in ports):
+            raise ValueError(
+                f"a Binding has one port range, not {len(ports)}: make one Binding per range "
+                "(Binding.for_ranges does that)"
+            )
         elif isinstance(ports, tuple) and len(ports) == 2:
             ports = PortRange(*ports)
         elif not isinstance(ports, PortRange):
             raise ValueError(f"invalid port range {ports!r}: expected PortRange, (lo, hi), int or 'lo-hi'")
         object.__setattr__(self, "ports", ports)
         check_label(self.label)
+
+    @classmethod
+    def for_ranges(cls, proto: str, prefix: Any, ranges: Iterable[Any], label: str) -> list[Binding]:
+        """One binding per port range, e.g. for ``parse_ports("80,443")``."""
+        return [cls(proto, prefix, r, label) for r in ranges]
 
     def _sort_key(self) -> tuple:
         p = self.prefix
@@ -195,12 +211,19 @@ def reference_decision(bindings: Iterable[Binding], proto: str, addr: Any, port:
 class Tables:
     """The program's tables for one generation, without the generation byte.
 
-    :ivar port_class: 65536 class ids (0 = no binding covers the port).
-    :ivar entries: (prefixlen, trie key tail) -> label id, one per (proto, family, prefix, class).
+    :ivar port_class: 65536 class ids (0 = no binding with a partial range covers the port).
+    :ivar entries: (trie prefixlen, trie key tail) -> label id, one per (proto, family, prefix, class);
+        class 0 holds the bindings over all ports.
+    :ivar has_all_ports: some binding covers 1-65535.
     """
 
     port_class: array
     entries: dict[tuple[int, bytes], int]
+    has_all_ports: bool = False
+
+    def port_class_value(self) -> bytes:
+        """The ``struct port_table`` value of one generation."""
+        return self.port_class.tobytes() + _TABLE_TAIL.pack(int(self.has_all_ports), 0)
 
 
 def _range_hash(lo: int, hi: int) -> int:
@@ -214,7 +237,7 @@ def compute_tables(bindings: dict[BindingKey, int], max_entries: int | None = No
 
     :raises TableTooLarge: more than ``max_entries`` trie entries would be needed.
     """
-    ranges = {(k[4], k[5]) for k in bindings}
+    ranges = {(k[4], k[5]) for k in bindings} - {ALL_PORTS}
     # Elementary intervals: cut 0..65535 at every range start and every range end + 1.
     delta: dict[int, int] = {0: 0, NUM_PORTS: 0}
     for lo, hi in ranges:
@@ -241,12 +264,17 @@ def compute_tables(bindings: dict[BindingKey, int], max_entries: int | None = No
     if len(class_of_sig) > NUM_PORTS:  # cannot happen: each class holds at least one port
         raise AssertionError("more port classes than ports")
 
-    groups: dict[tuple[int, int, int, bytes], list[tuple[int, int, int]]] = {}
-    for (proto, family, plen, addr, lo, hi), label_id in bindings.items():
-        groups.setdefault((proto, family, plen, addr), []).append((lo, hi, label_id))
-
     entries: dict[tuple[int, bytes], int] = {}
     pack_tail = _TRIE_TAIL.pack
+    groups: dict[tuple[int, int, int, bytes], list[tuple[int, int, int]]] = {}
+    has_all_ports = False
+    for (proto, family, plen, addr, lo, hi), label_id in bindings.items():
+        if (lo, hi) == ALL_PORTS:
+            # One entry under class 0, however many classes the other ranges make.
+            entries[(KEY_HEADER_BITS + plen, pack_tail(proto, 0, family, addr))] = label_id
+            has_all_ports = True
+        else:
+            groups.setdefault((proto, family, plen, addr), []).append((lo, hi, label_id))
     for (proto, family, plen, addr), members in groups.items():
         trie_plen = KEY_HEADER_BITS + plen
         if len(members) == 1:
@@ -273,7 +301,11 @@ def compute_tables(bindings: dict[BindingKey, int], max_entries: int | None = No
                 "its ranges cover); use fewer distinct port ranges or open the dispatcher with a larger "
                 "trie_entries"
             )
-    return Tables(port_class, entries)
+    if max_entries is not None and len(entries) > max_entries:
+        raise TableTooLarge(
+            f"the bindings need {len(entries)} trie entries, more than the {max_entries} it holds"
+        )
+    return Tables(port_class, entries, has_all_ports)
 
 
 def _trie_key(gen: int, plen: int, tail: bytes, _plen_cache: dict[tuple[int, int], bytes] = {}) -> bytes:  # noqa: B006
@@ -318,7 +350,7 @@ class Dispatcher:
         self._maps = maps
         self._lock = lock
         self._cache: _Cache | None = None
-        self._port_table_cache: tuple[int, int, array] | None = None
+        self._port_table_cache: tuple[int, int, array, bool] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -557,15 +589,18 @@ class Dispatcher:
                     bmap.fd, _BINDING_KEY.pack(proto, family, plen, lo, hi, addr), _U32.pack(label_id), 0, ctx
                 )
 
-        self._map("port_class").update(_U32.pack(new_gen), tables.port_class.tobytes())
+        self._map("port_class").update(_U32.pack(new_gen), tables.port_class_value())
         ctx = {"map": "trie"}
-        values = {label_id: _U32.pack(label_id) for label_id in set(tables.entries.values())}
+        values: dict[tuple[int, int], bytes] = {}
         new_keys = []
         update = _libbpf.map_update
         fd = trie.fd
         for (plen, tail), label_id in tables.entries.items():
             key = _trie_key(new_gen, plen, tail)
-            update(fd, key, values[label_id], 0, ctx)
+            value = values.get((label_id, plen))
+            if value is None:
+                value = values[(label_id, plen)] = _TRIE_VALUE.pack(label_id, plen - KEY_HEADER_BITS)
+            update(fd, key, value, 0, ctx)
             new_keys.append(key)
 
         # The switch: the program reads active_gen once per lookup, so each lookup sees one whole table.
@@ -615,8 +650,13 @@ class Dispatcher:
                 new[key] = ids[b.label]
             if new == old.bindings and not cfg.dirty:
                 return
-            tables = compute_tables(new, max_entries=self._map("trie").max_entries)
-            self._commit(old, new, tables, cfg)
+            try:
+                tables = compute_tables(new, max_entries=self._map("trie").max_entries)
+                self._commit(old, new, tables, cfg)
+            except TableTooLarge:
+                if pending:
+                    self._release_unused_labels(old.bindings)  # labels allocated for nothing
+                raise
             if remove:
                 self._release_unused_labels(new)
 
@@ -656,15 +696,17 @@ class Dispatcher:
             out.append(Binding(_PROTO_NAMES[proto], prefix, PortRange(lo, hi), names.get(label_id, "?")))
         return sorted(out)
 
-    def _port_table(self, cfg: _Config) -> array:
+    def _port_table(self, cfg: _Config) -> tuple[array, bool]:
         cached = self._port_table_cache
         if cached is not None and not cfg.dirty and cached[:2] == (cfg.serial, cfg.active_gen):
-            return cached[2]
+            return cached[2], cached[3]
+        raw = self._map("port_class").lookup(_U32.pack(cfg.active_gen))
         table = array("H")
-        table.frombytes(self._map("port_class").lookup(_U32.pack(cfg.active_gen)))
+        table.frombytes(raw[: 2 * NUM_PORTS])
+        has_all_ports = bool(_TABLE_TAIL.unpack(raw[2 * NUM_PORTS :])[0])
         if not cfg.dirty:
-            self._port_table_cache = (cfg.serial, cfg.active_gen, table)
-        return table
+            self._port_table_cache = (cfg.serial, cfg.active_gen, table, has_all_ports)
+        return table, has_all_ports
 
     def lookup(self, proto: str, addr: Any, port: int) -> str | None:
         """The label the program picks for ``proto`` traffic to ``addr``:``port``, or None (normal lookup).
@@ -678,18 +720,27 @@ class Dispatcher:
             raise ValueError(f"invalid port {port}: expected 0-65535")
         family, packed = _addr_bytes(addr)
         cfg = self._read_config()
-        cls = self._port_table(cfg)[port]
-        if cls == 0:
+        table, has_all_ports = self._port_table(cfg)
+        cls = table[port]
+        plen = KEY_HEADER_BITS + (32 if family == 4 else 128)
+        trie = self._map("trie")
+        best: tuple[int, int] | None = None  # (label id, prefixlen), as the program compares them
+        if cls:
+            raw = trie.get(
+                _trie_key(cfg.active_gen, plen, _TRIE_TAIL.pack(PROTOCOLS[proto], cls, family, packed))
+            )
+            best = None if raw is None else _TRIE_VALUE.unpack(raw)
+        if has_all_ports and port != 0:
+            raw = trie.get(
+                _trie_key(cfg.active_gen, plen, _TRIE_TAIL.pack(PROTOCOLS[proto], 0, family, packed))
+            )
+            if raw is not None:
+                found = _TRIE_VALUE.unpack(raw)
+                if best is None or found[1] > best[1]:
+                    best = found
+        if best is None:
             return None
-        key = _trie_key(
-            cfg.active_gen,
-            KEY_HEADER_BITS + (32 if family == 4 else 128),
-            _TRIE_TAIL.pack(PROTOCOLS[proto], cls, family, packed),
-        )
-        raw = self._map("trie").get(key)
-        if raw is None:
-            return None
-        return self._label_names().get(_U32.unpack(raw)[0])
+        return self._label_names().get(best[0])
 
     # -- sockets ------------------------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@
 //   2. LPM lookup of {gen, proto, class, family, addr} in `trie` -> label id.  Userspace inserts, for every
 //      (proto, family, prefix) and every port class, the label of the narrowest range of that prefix
 //      covering the class, so the longest match is "longest prefix, then narrowest port range".
+// Bindings over ALL ports (1-65535) are kept out of the classes: they live under the reserved class 0
+// and are found with a second LPM lookup.  Otherwise every catch-all prefix would need one entry per
+// class that other prefixes' ranges create.  The longer of the two matched prefixes wins; on equal
+// prefixes the class match wins (its range is narrower than 1-65535).
 // `gen` (0 or 1) is read once from `config`; userspace fills the inactive generation, then flips it, so a
 // lookup never sees a half-written table.  No loops: the verifier is happy on 5.9+.
 #include <linux/bpf.h>
@@ -25,7 +29,7 @@
 #define EAFNOSUPPORT 97
 
 #define NUM_PORTS 65536
-#define LAYOUT_VERSION 1
+#define LAYOUT_VERSION 2
 // Bits of the trie key before the address: gen (8) + proto (8) + class (16) + family (8).
 #define KEY_HEADER_BITS 40
 
@@ -41,6 +45,8 @@ struct config {
 // generation with a single syscall.
 struct port_table {
     __u16 cls[NUM_PORTS];
+    __u32 has_all_ports; // some binding covers 1-65535 (class 0 entries exist in this generation)
+    __u32 _pad;
 };
 
 struct trie_key {
@@ -54,6 +60,7 @@ struct trie_key {
 
 struct trie_value {
     __u32 label_id;
+    __u32 prefixlen; // of the binding's address prefix, to compare the two lookups' matches
 };
 
 struct counters {
@@ -170,7 +177,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
     __u32 zero = 0, is_udp, is_v6, gen, port, slot;
     struct config *cfg;
     struct port_table *table;
-    struct trie_value *val;
+    struct trie_value *val = NULL, *all;
     struct trie_key key = {};
     struct bpf_sock *sk;
     __u16 cls;
@@ -201,7 +208,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
         return SK_PASS;
     port = ctx->local_port; // host byte order
     cls = table->cls[port & (NUM_PORTS - 1)];
-    if (cls == 0) {
+    if (cls == 0 && (!table->has_all_ports || port == 0)) {
         // No binding covers this port: normal socket lookup.
         count(0, 0);
         return SK_PASS;
@@ -209,7 +216,6 @@ int dispatch(struct bpf_sk_lookup *ctx)
 
     key.gen = gen;
     key.proto = is_udp ? IPPROTO_UDP : IPPROTO_TCP;
-    key.cls = bpf_htons(cls);
     if (is_v6) {
         key.prefixlen = KEY_HEADER_BITS + 128;
         key.family = 6;
@@ -223,7 +229,16 @@ int dispatch(struct bpf_sk_lookup *ctx)
         __builtin_memcpy(&key.addr[0], &ctx->local_ip4, 4);
     }
 
-    val = bpf_map_lookup_elem(&trie, &key);
+    if (cls) {
+        key.cls = bpf_htons(cls);
+        val = bpf_map_lookup_elem(&trie, &key);
+    }
+    if (table->has_all_ports && port != 0) {
+        key.cls = 0; // the all-ports bindings
+        all = bpf_map_lookup_elem(&trie, &key);
+        if (all && (!val || all->prefixlen > val->prefixlen))
+            val = all;
+    }
     if (!val) {
         // The port is bound somewhere, but not for this protocol and address: normal socket lookup.
         count(0, 0);
