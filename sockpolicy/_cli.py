@@ -169,7 +169,8 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Machine-rea
 @click.option(
     "--upstream",
     metavar="HOST[:PORT]",
-    help="Where passed connections go: HOST (at the original destination port), HOST:PORT or [IPV6]:PORT.",
+    help="Where passed connections go: HOST (at the original destination port), HOST:PORT or "
+    "[IPV6]:PORT.  [default: the built-in echo service]",
 )
 @click.option(
     "--policy",
