@@ -128,3 +128,8 @@ __all__ += [
     "check_socket",
     "cookie_of",
 ]
+
+# The SK_LOOKUP dispatcher (sockpolicy._dispatcher).
+from sockpolicy._dispatcher import Binding, BindingConflict, Dispatcher, InvalidLabel, TableTooLarge
+
+__all__ += ["Binding", "BindingConflict", "Dispatcher", "InvalidLabel", "TableTooLarge"]

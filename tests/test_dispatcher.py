@@ -725,3 +725,41 @@ def test_table_too_large_is_refused_cleanly(netns: NetNS, bpffs_root: str) -> No
         # 40 new entries + 1 old fit in 64 during the switch.
         d.add_bindings(Binding("tcp", f"10.0.0.{i}/32", (1, 65535), "b") for i in range(40))
         assert d.lookup("tcp", "10.0.0.39", 5) == "b"
+
+
+@privileged
+def test_state_of_a_dead_namespace_is_replaced(make_netns, bpffs_root: str) -> None:
+    # A namespace's inode number can be reused after it is deleted; the pinned state left behind then
+    # names the new namespace but its link is detached.  It must be replaced, not trusted.
+    old = make_netns()
+    with Dispatcher.open(netns=old.path, bpffs_root=bpffs_root) as d:
+        d.add_binding(Binding("tcp", "127.0.0.1", 80, "old"))
+        stale = d.path
+    old.close()
+    new = make_netns()
+    os.rename(stale, Path(bpffs_root) / str(os.stat(new.path).st_ino))  # simulate the reuse
+    with pytest.raises(NotLoaded):
+        Dispatcher.open(netns=new.path, bpffs_root=bpffs_root, create=False)
+    with Dispatcher.open(netns=new.path, bpffs_root=bpffs_root) as d:
+        assert d.bindings() == []
+        assert len(_attached_programs(new)) == 1
+
+
+@privileged
+def test_writer_dying_mid_update_is_repaired(netns: NetNS, bpffs_root: str) -> None:
+    from sockpolicy._dispatcher import _CONFIG, _TRIE_TAIL, _TRIE_VALUE, _ZERO, _trie_key
+
+    with Dispatcher.open(netns=netns.path, bpffs_root=bpffs_root) as d:
+        d.add_binding(Binding("tcp", "127.0.0.1", 80, "a"))
+        # What a writer that died after writing part of the inactive generation leaves behind.
+        active, _, serial, version, _ = _CONFIG.unpack(d._maps["config"].lookup(_ZERO))
+        junk = _trie_key(1 - active, 40 + 8, _TRIE_TAIL.pack(socket.IPPROTO_TCP, 1, 4, bytes(16)))
+        d._maps["trie"].update(junk, _TRIE_VALUE.pack(1, 8))
+        d._maps["config"].update(_ZERO, _CONFIG.pack(active, 1, serial, version, 0))
+    with Dispatcher.open(netns=netns.path, bpffs_root=bpffs_root) as d:
+        d.add_binding(Binding("tcp", "127.0.0.2", 80, "b"))
+        active, dirty, _, _, _ = _CONFIG.unpack(d._maps["config"].lookup(_ZERO))
+        keys = list(d._maps["trie"].keys())
+        assert dirty == 0
+        assert len(keys) == 2 and all(k[4] == active for k in keys)
+        assert d.lookup("tcp", "127.0.0.1", 80) == "a" and d.lookup("tcp", "127.0.0.2", 80) == "b"
