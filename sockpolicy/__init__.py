@@ -130,6 +130,6 @@ __all__ += [
 ]
 
 # The SK_LOOKUP dispatcher (sockpolicy._dispatcher).
-from sockpolicy._dispatcher import Binding, BindingConflict, Dispatcher, InvalidLabel, TableTooLarge
+from sockpolicy._dispatcher import Binding, BindingConflict, Dispatcher, InvalidLabel, TableTooLarge  # noqa: E402
 
 __all__ += ["Binding", "BindingConflict", "Dispatcher", "InvalidLabel", "TableTooLarge"]

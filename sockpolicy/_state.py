@@ -6,9 +6,8 @@ and pins 0600: the tables reveal which services exist, so only root may read the
 
 A state directory is created complete or not at all: everything is pinned into
 ``<root>/tmp-<inode>-<pid>`` first (bpffs forbids dots in names) and the directory is then renamed into
-place.  ``rename(2)`` onto an
-existing (non-empty) directory fails, so when two processes race, exactly one wins; the loser discards its
-copy and opens the winner's.
+place.  ``rename(2)`` onto an existing (non-empty) directory fails, so when two processes race, exactly
+one wins; the loser detaches its link, discards its copy and opens the winner's.
 
 Writers serialise with ``flock(LOCK_EX)`` on the state directory's own fd (flock works on bpffs
 directories: checked on kernel 6.18).
