@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import itertools
+import json
 import os
 import re
 import stat
@@ -276,7 +277,8 @@ def _parse_rule(path: Path, index: int, raw: Mapping[str, Any]) -> ConnectionRul
         if value is None:
             return ()
         if isinstance(value, str):
-            raise fail(f"{key!r} must be an array of prefixes, e.g. {key} = [{value!r}]")
+            # json.dumps quotes like TOML does, so the suggestion can be pasted into the file.
+            raise fail(f"{key!r} must be an array of prefixes, e.g. {key} = [{json.dumps(value)}]")
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise fail(f'{key!r} must be an array of strings like ["127.0.0.0/8"], not {_toml_type(value)}')
         if not value:
