@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import trio
 
@@ -187,10 +188,10 @@ class _TcpSession:
         timeout = self.ctx.idle_timeout
         self.scope.deadline = trio.current_time() + timeout if timeout > 0 else math.inf
 
-    async def _guard(self, pump: object, *args: object) -> None:
+    async def _guard(self, pump: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a pump; turn whatever ends it abnormally into a session end (never a server crash)."""
         try:
-            await pump(*args)  # type: ignore[operator]
+            await pump(*args)
         except _End as end:
             self._finish(end)
         except (ConnectionResetError, BrokenPipeError) as exc:
@@ -208,10 +209,10 @@ class _TcpSession:
             self.end = end
         self.scope.cancel()
 
-    async def _callback(self, fn: object, args: tuple[object, ...], what: str) -> Verdict:
+    async def _callback(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> Verdict:
         ctx = self.ctx
         verdict, timed_out = await run_callback(
-            fn,  # type: ignore[arg-type]
+            fn,
             args,
             ctx.inspect_timeout,
             ctx.inspect_default,

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from functools import partial
 
 import pytest
@@ -315,6 +316,20 @@ async def test_inspect_timeout_applies_default(policy: Policy, caplog: pytest.Lo
             while up.data != b"a\nb\nslow2\n":
                 await trio.sleep(0.01)
     assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+async def test_sync_callback_overrun_applies_default(policy: Policy) -> None:
+    @policy.on_connect()
+    def slow(conn: Connection) -> Pass:
+        time.sleep(0.1)  # blocks the loop; cannot be interrupted, but its verdict is replaced
+        return Pass()
+
+    async with running_proxy(policy, inspect_timeout=0.02) as proxy:
+        sock = await connect(proxy.addr)
+        await expect_closed(sock, reset=True)  # inspect_default Drop()
+        sock.close()
+        assert proxy.handle.stats.inspect_timeouts == 1
+        assert proxy.handle.stats.verdicts == {"drop": 1}
 
 
 async def test_connect_refused_resets_client_quickly(policy: Policy) -> None:
