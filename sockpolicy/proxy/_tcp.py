@@ -85,6 +85,7 @@ class _TcpSession:
         stats = self.ctx.stats
         stats.connections_accepted += 1
         stats.connections_active += 1
+        stats.conn_opened(self.conn, self.client.sock)  # ops: close summary / periodic log line
         reset = True  # until we know better, a failure leaves the client with an RST
         try:
             await self._setup()
@@ -108,12 +109,14 @@ class _TcpSession:
                 reset = False
                 log.debug("%r: finished", self.conn)
         except _End as end:  # raised by _setup: refused before any relaying
+            self.end = end  # ops: the close summary names the reason
             reset = end.reset
             if end.error:
                 stats.errors += 1
             (log.warning if end.error else log.info)("%r: closing: %s", self.conn, end)
         finally:
             # Cancellation (server shutdown) also lands here: always release every socket.
+            stats.conn_closed(self.conn, self.end, reset)  # ops: before close, TCP_INFO still readable
             self.client.close(reset=reset)
             for leg in self.legs.values():
                 leg.stream.close(reset=reset)
@@ -165,9 +168,11 @@ class _TcpSession:
             try:
                 with trio.fail_after(self.ctx.connect_timeout):
                     stream = await trio.open_tcp_stream(*addr)
-            except trio.TooSlowError:
+            except trio.TooSlowError as exc:
+                self.ctx.stats.upstream_failed(exc)  # ops: metrics counter
                 raise _End(f"upstream {addr} connect timed out", reset=True, error=True) from None
             except OSError as exc:
+                self.ctx.stats.upstream_failed(exc)  # ops: metrics counter
                 raise _End(f"upstream {addr} connect failed: {exc}", reset=True, error=True) from None
             leg = _Leg(addr, SockStream(stream.socket), framer)
         self.legs[addr] = leg
@@ -221,6 +226,7 @@ class _TcpSession:
         )
         if timed_out:
             ctx.stats.inspect_timeouts += 1
+        ctx.stats.count_callback(fn, verdict)  # ops: per-callback verdict metrics
         return verdict
 
     # -- client -> upstream ------------------------------------------------------------------------

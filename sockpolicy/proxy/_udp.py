@@ -157,6 +157,7 @@ class _Flow:
         stats = self.ctx.stats
         stats.connections_accepted += 1
         stats.connections_active += 1
+        stats.conn_opened(self.conn)  # ops: close summary / periodic log line
         try:
             with self.scope:
                 await self._run()
@@ -168,6 +169,7 @@ class _Flow:
             stats.errors += 1
             log.warning("%r: closing flow: %s: %s", self.conn, type(exc).__name__, exc, exc_info=True)
         finally:
+            stats.conn_closed(self.conn)  # ops: close summary
             # Forget the flow first, synchronously, so no reader queues into a closed inbox.
             if self.server.flows.get(self.key) is self:
                 del self.server.flows[self.key]
@@ -188,6 +190,7 @@ class _Flow:
         if timed_out:
             ctx.stats.inspect_timeouts += 1
         ctx.stats.count_verdict(verdict)
+        ctx.stats.count_callback(fn, verdict)  # ops: per-callback verdict metrics
         return verdict
 
     async def _run(self) -> None:
