@@ -133,3 +133,6 @@ __all__ += [
 from sockpolicy._dispatcher import Binding, BindingConflict, Dispatcher, InvalidLabel, TableTooLarge  # noqa: E402
 
 __all__ += ["Binding", "BindingConflict", "Dispatcher", "InvalidLabel", "TableTooLarge"]
+from sockpolicy._rules import Enforcer, Framing, GenerationStats, Rule, RuleError, RuleSet, RuleStats  # noqa: E402
+
+__all__ += ["Enforcer", "Framing", "GenerationStats", "Rule", "RuleError", "RuleSet", "RuleStats"]

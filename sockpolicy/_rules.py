@@ -802,6 +802,7 @@ _MAP_NAMES = (
     "barrier",
     "barrier_inner",
     "sources",
+    "pulls",
 )
 
 
@@ -1183,6 +1184,12 @@ class Enforcer:
         """Live counters of the active generation (they keep changing while traffic flows)."""
         slot = self._config_slot()
         return self._read_stats(slot, self._meta(slot), final=False)
+
+    def pulls(self) -> tuple[int, int]:
+        """How often the SK_MSG program had to pull a prefix together from several scatterlist elements
+        (``bpf_msg_pull_data``), and how often that failed."""
+        m = self._maps["pulls"]
+        return tuple(struct.unpack("<Q", m.lookup(struct.pack("<I", i)))[0] for i in range(2))  # type: ignore[return-value]
 
     def ruleset(self) -> RuleSet | None:
         """The active rule set, as loaded (None when none was ever loaded)."""

@@ -160,6 +160,21 @@ struct {
     __type(value, struct source);
 } sources SEC(".maps");
 
+// [0] bpf_msg_pull_data calls (a prefix straddled scatterlist elements), [1] of them failed.
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, __u32);
+    __type(value, __u64);
+} pulls SEC(".maps");
+
+static __always_inline void bump_pulls(__u32 key)
+{
+    __u64 *value = bpf_map_lookup_elem(&pulls, &key);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+}
+
 // What a rule is matched against: ports, length, and up to PREFIX_MAX payload bytes (zero-padded).
 struct view {
     __u32 lport;
@@ -261,7 +276,9 @@ int rules_msg(struct sk_msg_md *msg)
         void *data = msg->data, *end = msg->data_end;
         if (data + need > end) {
             // The prefix straddles scatterlist elements: make [0, need) linear.
-            bpf_msg_pull_data(msg, 0, need, 0);
+            bump_pulls(0);
+            if (bpf_msg_pull_data(msg, 0, need, 0))
+                bump_pulls(1); // prefix rules then see only the bytes available
             data = msg->data;
             end = msg->data_end;
         }
@@ -276,7 +293,8 @@ int rules_msg(struct sk_msg_md *msg)
 
     struct rule *r = NULL;
     __u32 index = first_match(slot, meta->nrules, &v, RULE_F_SEND, &r);
-    count(slot, index, v.len);
+    // With apply_bytes the verdict covers only the next apply_bytes bytes: count those.
+    count(slot, index, (r && r->apply_bytes && r->apply_bytes < v.len) ? r->apply_bytes : v.len);
     if (!r) {
         // No rule matched: the rule set's default; a default drop fails the sender's sendmsg (EACCES).
         return meta->default_action == ACT_DROP ? SK_DROP : SK_PASS;
