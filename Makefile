@@ -38,7 +38,8 @@ progs: setup
 	$(PY) build_tools/build_progs.py
 
 bench: setup
-	@if [ -f bench/run.py ]; then $(PY) bench/run.py; else echo "bench: bench/run.py does not exist yet"; fi
+	@bash bench/setup.sh
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache .hypothesis bench/out
