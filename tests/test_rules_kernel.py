@@ -623,6 +623,7 @@ def test_pinned_state_is_shared_and_unloaded(pairs: list[socket.socket], tmp_pat
         for sub in sorted(root.rglob("*"), reverse=True) if root.exists() else []:
             with contextlib.suppress(OSError):
                 sub.unlink() if not sub.is_dir() else sub.rmdir()
-        with contextlib.suppress(OSError):
-            (root / "rules").rmdir()
-            root.rmdir()
+        for leftover in (root / "rules", root):
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
+        assert not root.exists()
