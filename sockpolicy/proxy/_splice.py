@@ -1,0 +1,467 @@
+"""Kernel splicing of proxied TCP connections (SOCKHASH + SK_SKB redirect); see docs/splice.md.
+
+A :class:`Splicer` loads ``progs/splice.bpf.c``, creates a dedicated cgroup v2, moves this process into it
+and attaches the SOCK_OPS program there.  From then on every TCP socket this process creates (listeners
+included, and so the connections they accept) is put into the ``socks`` SOCKHASH when it is established,
+before any payload can be queued, and gets a slot in the mmapped ``conns`` array.  The SK_SKB verdict passes
+every received skb to userspace and counts it, until userspace asks for a splice; then it redirects once
+everything passed has been forwarded.  :class:`SpliceSocket` is userspace's view of one socket's slot.
+
+Nothing here ever makes a connection fail: if the kernel lacks a feature, :meth:`Splicer.open` raises
+:exc:`SpliceUnavailable` with one reason, and a connection whose sockets have no slot stays in the
+userspace relay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import struct
+import termios
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from sockpolicy import _errors
+from sockpolicy._objects import AttachType, Link, Map, MapAttachment, ObjectSpec
+from sockpolicy.maps import U32, U64, Hash, cookie_of
+
+__all__ = ["SPLICE_DISABLE_ENV", "SpliceSocket", "SpliceStats", "SpliceUnavailable", "Splicer"]
+
+log = logging.getLogger("sockpolicy.proxy")
+
+#: Comma-separated features to treat as missing (``cgroup``, ``sockops``, ``sk_skb``, ``mmap``, or
+#: ``all``): :meth:`Splicer.open` then fails as it would on a kernel without them.  For tests and for
+#: switching splicing off without a code change.
+SPLICE_DISABLE_ENV = "SOCKPOLICY_SPLICE_DISABLE"
+FEATURES = ("cgroup", "sockops", "sk_skb", "mmap")
+
+MODE_PASS = 0
+MODE_PENDING = 1
+MODE_SPLICED = 2
+
+N_SLOTS = 32768  # N_SLOTS in splice.bpf.c
+_STATS = ("enrolled", "no_slot", "enrol_failed", "peer_gone")
+
+#: Slots of closed sockets wait this long before reuse: longer than any verdict run that might still
+#: hold a pointer to the slot (an RCU read-side section).
+QUARANTINE = 0.2
+SWEEP_INTERVAL = 0.5
+
+_TCP_INFO_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked)
+_TCP_INFO_LEN = 136
+
+
+class _Conn(ctypes.Structure):
+    # Must match struct conn in splice.bpf.c.  ctypes reads and writes each field with one aligned
+    # load/store, which is what the single-writer protocol there needs.
+    _fields_ = [
+        ("owner", ctypes.c_uint64),
+        ("peer", ctypes.c_uint64),
+        ("mode", ctypes.c_uint32),
+        ("closed", ctypes.c_uint32),
+        ("passed", ctypes.c_uint64),
+        ("forwarded", ctypes.c_uint64),
+        ("redirected", ctypes.c_uint64),
+        ("skbs", ctypes.c_uint64),
+        ("dropped", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(_Conn) == 64
+
+
+class SpliceUnavailable(Exception):
+    """The kernel (or the configuration) cannot splice; ``str(exc)`` is the one-line reason."""
+
+    def __init__(self, feature: str, reason: str) -> None:
+        super().__init__(reason)
+        self.feature = feature
+
+
+@dataclass
+class SpliceStats:
+    """Counters of one :class:`Splicer` (userspace side; :meth:`Splicer.kernel_stats` has the kernel's)."""
+
+    #: connections whose both directions were handed to the kernel
+    spliced: int = 0
+    #: splice requests that stayed in userspace (the reason is logged once per connection)
+    fallbacks: int = 0
+    #: payload bytes the kernel redirected, summed when connections close
+    bytes_spliced: int = 0
+    #: slots freed (claimed by the proxy, or of other sockets of this process)
+    slots_freed: int = 0
+
+
+def _disabled() -> set[str]:
+    value = os.environ.get(SPLICE_DISABLE_ENV, "")
+    names = {name.strip().lower() for name in value.split(",") if name.strip()}
+    return set(FEATURES) if "all" in names else names
+
+
+def _cgroup2_root() -> Path | None:
+    """The cgroup v2 mount point (``/sys/fs/cgroup/unified`` on hybrid hosts, else ``/sys/fs/cgroup``)."""
+    found = []
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                found.append(Path(fields[1]))
+    return min(found, key=lambda p: len(p.parts)) if found else None
+
+
+def _own_cgroup() -> str:
+    """This process's cgroup v2 path relative to the mount (``0::/path`` in /proc/self/cgroup)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return "/"
+
+
+def queued_total(sock: socket.socket | trio.socket.SocketType) -> int:
+    """Payload bytes ever queued on ``sock``'s write side: acked plus still in the write queue.
+
+    TCP_INFO is read before SIOCOUTQ, so an ACK arriving in between makes the sum too small, never too
+    large: a caller waiting for a target never stops early.
+    """
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    (acked,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)
+    outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return acked + outq
+
+
+class SpliceSocket:
+    """Userspace's view of one enrolled socket's slot.  Obtained from :meth:`Splicer.claim`."""
+
+    def __init__(self, splicer: Splicer, sock: trio.socket.SocketType, cookie: int, slot: int) -> None:
+        self.splicer = splicer
+        self.cookie = cookie
+        self.slot = slot
+        self._conn: _Conn | None = splicer._view(slot)
+        # Bytes queued on the write side before the proxy wrote anything (0, or 1 on some paths where the
+        # SYN is counted as acked): the origin of queued_total() for the drain check.
+        self.base = queued_total(sock)
+        #: bytes userspace wrote into this socket (the relay adds to it)
+        self.written = 0
+
+    def __repr__(self) -> str:
+        return f"<SpliceSocket cookie={self.cookie} slot={self.slot}>"
+
+    @property
+    def conn(self) -> _Conn:
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} was released")
+        return self._conn
+
+    @property
+    def mode(self) -> int:
+        return self.conn.mode
+
+    @property
+    def spliced(self) -> bool:
+        return self.conn.mode == MODE_SPLICED
+
+    @property
+    def passed(self) -> int:
+        return self.conn.passed
+
+    @property
+    def redirected(self) -> int:
+        return self.conn.redirected
+
+    @property
+    def dropped(self) -> int:
+        return self.conn.dropped
+
+    def set_forwarded(self, count: int) -> None:
+        """Tell the verdict that ``count`` bytes passed to us have been written to the peer.
+
+        Call it only when it is true for every byte read so far, i.e. nothing is buffered.
+        """
+        self.conn.forwarded = count
+
+    def request(self, peer: SpliceSocket) -> None:
+        """Ask the verdict to redirect this socket's bytes to ``peer`` once userspace has caught up."""
+        conn = self.conn
+        conn.peer = peer.cookie  # before the mode: the verdict reads peer only after seeing PENDING
+        conn.mode = MODE_PENDING
+
+    def drained_into(self, source: SpliceSocket | None, sock: trio.socket.SocketType) -> bool:
+        """Whether every byte for this socket (ours plus ``source``'s redirected ones) reached its queue."""
+        expected = self.written + (source.redirected if source is not None else 0)
+        return queued_total(sock) - self.base >= expected
+
+    def release(self) -> None:
+        """Give the slot back (after the socket was closed).  Idempotent."""
+        if self._conn is not None:
+            self._conn = None
+            self.splicer._release(self.slot, self.cookie)
+
+
+class Splicer:
+    """The kernel side of splicing for one serving process.  Use :meth:`open`; :meth:`close` undoes it.
+
+    The process is moved into a new cgroup ``<cgroup2>/sockpolicy-splice-<pid>`` (or ``cgroup``), so
+    open it BEFORE creating the listening sockets: an accepted socket belongs to its listener's cgroup.
+    """
+
+    def __init__(self) -> None:
+        self.stats = SpliceStats()
+        self._links: list[Link] = []
+        self._attachment: MapAttachment | None = None
+        self._maps: dict[str, Map] = {}
+        self._mmap: mmap.mmap | None = None
+        self._view_array: ctypes.Array[_Conn] | None = None
+        self._slot_of: Hash[int, int] | None = None
+        self._owners: Hash[int, int] | None = None
+        self._claimed: dict[int, int] = {}  # slot -> cookie of sockets the relay uses
+        self._quarantine: dict[int, tuple[int, float]] = {}  # slot -> (cookie, freed at)
+        self._cgroup: Path | None = None
+        self._created_cgroup = False
+        self._previous_cgroup: Path | None = None
+        self.closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cgroup: str | os.PathLike[str] | None = None) -> Splicer:
+        """Load the programs, create the cgroup, move this process into it and attach.
+
+        :param cgroup: an existing cgroup v2 directory to use instead of a new one; this process is moved
+            into it, and every TCP socket of every process in it is enrolled.
+        :raises SpliceUnavailable: a feature is missing (or disabled with ``SOCKPOLICY_SPLICE_DISABLE``);
+            nothing is left behind.
+        """
+        self = cls()
+        try:
+            self._open(cgroup)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self, cgroup: str | os.PathLike[str] | None) -> None:
+        disabled = _disabled()
+        root = _cgroup2_root()
+        if "cgroup" in disabled or root is None:
+            raise SpliceUnavailable("cgroup", "no cgroup v2 mount (cgroup2 in /proc/self/mounts)")
+        if "sk_skb" in disabled:
+            raise SpliceUnavailable("sk_skb", "SK_SKB programs unavailable (disabled)")
+        if "sockops" in disabled:
+            raise SpliceUnavailable("sockops", "SOCK_OPS programs unavailable (disabled)")
+        try:
+            obj = ObjectSpec.from_package("splice").load()
+        except (_errors.SockpolicyError, OSError) as exc:
+            raise SpliceUnavailable("sk_skb", f"cannot load the splice programs: {exc}") from None
+        with obj:
+            names = ("socks", "conns", "slot_of", "owners", "stats")
+            self._maps = {name: obj.take_map(name) for name in names}
+            verdict = obj.programs["splice_verdict"]
+            sockops = obj.programs["splice_sockops"]
+            if "mmap" in disabled:
+                raise SpliceUnavailable("mmap", "mmapable BPF arrays unavailable (disabled)")
+            conns = self._maps["conns"]
+            try:
+                pages = -(-conns.value_size * conns.max_entries // mmap.PAGESIZE)
+                size = pages * mmap.PAGESIZE
+                self._mmap = mmap.mmap(conns.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                raise SpliceUnavailable("mmap", f"cannot mmap the BPF array: {exc}") from None
+            self._view_array = (_Conn * conns.max_entries).from_buffer(self._mmap)
+            self._slot_of = Hash(self._maps["slot_of"].clone(), key=U64, value=U32)
+            self._owners = Hash(self._maps["owners"].clone(), key=U32, value=U64)
+            try:
+                self._attachment = verdict.attach_map(self._maps["socks"], AttachType.SK_SKB_VERDICT)
+            except (_errors.SockpolicyError, OSError) as exc:
+                raise SpliceUnavailable("sk_skb", f"cannot attach the SK_SKB verdict: {exc}") from None
+            self._enter_cgroup(root, cgroup)
+            try:
+                self._links.append(sockops.attach_cgroup(str(self._cgroup)))
+            except (_errors.SockpolicyError, OSError) as exc:
+                reason = f"cannot attach SOCK_OPS to {self._cgroup}: {exc}"
+                raise SpliceUnavailable("sockops", reason) from None
+        log.info("splice: enabled (cgroup %s)", self._cgroup)
+
+    def _enter_cgroup(self, root: Path, cgroup: str | os.PathLike[str] | None) -> None:
+        self._previous_cgroup = root / _own_cgroup().lstrip("/")
+        if cgroup is None:
+            path = root / f"sockpolicy-splice-{os.getpid()}"
+            try:
+                path.mkdir()
+                self._created_cgroup = True
+            except FileExistsError:
+                pass  # left by an earlier process with our pid: reuse it
+            except OSError as exc:
+                raise SpliceUnavailable("cgroup", f"cannot create cgroup {path}: {exc}") from None
+        else:
+            path = Path(os.fspath(cgroup))
+        try:
+            (path / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError as exc:
+            raise SpliceUnavailable("cgroup", f"cannot move into cgroup {path}: {exc}") from None
+        self._cgroup = path
+
+    def close(self) -> None:
+        """Detach everything, move back to the previous cgroup, remove the one we made.  Idempotent.
+
+        Sockets still open stay in the SOCKHASH (the kernel keeps the map while they are in it) but
+        nothing redirects them any more once the slots are gone; close connections first.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for link in self._links:
+            with contextlib.suppress(OSError, _errors.SockpolicyError):
+                link.close()
+        self._links.clear()
+        if self._cgroup is not None and self._previous_cgroup is not None:
+            with contextlib.suppress(OSError):
+                (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
+            if self._created_cgroup:
+                with contextlib.suppress(OSError):
+                    self._cgroup.rmdir()
+        if self._attachment is not None:
+            with contextlib.suppress(OSError, _errors.SockpolicyError):
+                self._attachment.detach()
+            self._attachment.close()
+            self._attachment = None
+        for typed in (self._slot_of, self._owners):
+            if typed is not None:
+                typed.close()
+        self._view_array = None
+        if self._mmap is not None:
+            # BufferError: a SpliceSocket still holds a view; the mapping goes with it.
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+            self._mmap = None
+        for owned in self._maps.values():
+            owned.close()
+        self._maps.clear()
+
+    def __enter__(self) -> Splicer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def cgroup(self) -> Path | None:
+        return self._cgroup
+
+    # -- slots --------------------------------------------------------------------------------------
+
+    def _view(self, slot: int) -> _Conn:
+        assert self._view_array is not None
+        return self._view_array[slot]
+
+    def claim(self, sock: trio.socket.SocketType) -> SpliceSocket:
+        """The slot of an established socket of this process, reserved for the caller.
+
+        :raises SpliceUnavailable: the socket was not enrolled (created outside the cgroup, no free slot,
+            already closed).
+        """
+        if self.closed or self._slot_of is None:
+            raise SpliceUnavailable("splicer", "the splicer is closed")
+        try:
+            cookie = cookie_of(sock)
+        except _errors.SockpolicyError as exc:
+            raise SpliceUnavailable("socket", f"no socket cookie: {exc}") from None
+        slot = self._slot_of.get(cookie)
+        if slot is None:
+            raise SpliceUnavailable(
+                "socket", "socket not enrolled (created outside the splice cgroup, or no free slot)"
+            )
+        conn = self._view(slot)
+        if conn.owner != cookie or conn.closed:
+            raise SpliceUnavailable("socket", "socket already closed")
+        try:
+            handle = SpliceSocket(self, sock, cookie, slot)
+        except OSError as exc:
+            raise SpliceUnavailable("socket", f"cannot read TCP_INFO: {exc}") from None
+        self._claimed[slot] = cookie
+        return handle
+
+    def _release(self, slot: int, cookie: int) -> None:
+        if self._claimed.get(slot) == cookie:
+            del self._claimed[slot]
+        self._free(slot, cookie)
+
+    def _free(self, slot: int, cookie: int) -> None:
+        # Step 1: no new verdict run or close callback finds the slot.  Step 2 (after QUARANTINE) in sweep().
+        if self._slot_of is None or slot in self._quarantine:
+            return
+        with contextlib.suppress(KeyError):
+            del self._slot_of[cookie]
+        self._quarantine[slot] = (cookie, time.monotonic())
+
+    def sweep(self) -> None:
+        """Free slots of closed sockets nobody claimed, and slots whose quarantine is over."""
+        if self.closed or self._view_array is None or self._mmap is None:
+            return
+        now = time.monotonic()
+        for slot, (cookie, since) in list(self._quarantine.items()):
+            if now - since < QUARANTINE:
+                continue
+            conn = self._view(slot)
+            if conn.owner == cookie:
+                ctypes.memset(ctypes.addressof(conn) + 8, 0, ctypes.sizeof(_Conn) - 8)
+                conn.owner = 0
+            del self._quarantine[slot]
+            assert self._owners is not None
+            with contextlib.suppress(KeyError):
+                del self._owners[slot]  # last: only now may the kernel hand the slot out again
+            self.stats.slots_freed += 1
+        # Every socket of this process is enrolled, not only the relay's (an upstream attempt that lost
+        # the happy-eyeballs race, a callback's own HTTP client...): free theirs once closed.
+        words = memoryview(self._mmap).cast("Q")
+        try:
+            owners = words[0::8].tolist()
+            mode_closed = words[2::8].tolist()
+        finally:
+            words.release()
+        for slot, (owner, flags) in enumerate(zip(owners, mode_closed, strict=True)):
+            if owner and flags >> 32 and slot not in self._claimed and slot not in self._quarantine:
+                self._free(slot, owner)
+
+    async def run_sweeper(self, interval: float = SWEEP_INTERVAL) -> None:
+        """Call :meth:`sweep` every ``interval`` seconds until cancelled."""
+        while not self.closed:
+            self.sweep()
+            await trio.sleep(interval)
+
+    def entries(self) -> dict[str, int]:
+        """How many entries each map holds, and slots in use (diagnostics; the tests check zero)."""
+        counts = {
+            "socks": sum(1 for _ in self._maps["socks"].keys()),  # noqa: SIM118 - a Map is not iterable
+            "slot_of": len(self._slot_of or ()),
+            "owners": len(self._owners or ()),
+        }
+        if self._mmap is not None:
+            words = memoryview(self._mmap).cast("Q")
+            try:
+                counts["slots"] = sum(1 for owner in words[0::8].tolist() if owner)
+            finally:
+                words.release()
+        counts["claimed"] = len(self._claimed)
+        counts["quarantined"] = len(self._quarantine)
+        return counts
+
+    def kernel_stats(self) -> dict[str, int]:
+        stats_map = self._maps["stats"]
+        result = {}
+        for index, name in enumerate(_STATS):
+            value = stats_map.lookup(struct.pack("=I", index))
+            result[name] = struct.unpack("=Q", value)[0]
+        return result
+
+
+def errno_is_reset(exc: OSError) -> bool:
+    return exc.errno in (errno.ECONNRESET, errno.EPIPE)
