@@ -104,6 +104,23 @@ def tcp_lines(ns: Any, host: str, port: int, lines: list[bytes], *, shutdown: bo
     return ns.call(go)
 
 
+def exchange_then_end(ns: Any, host: str, port: int, first: bytes, last: bytes) -> bytes:
+    """From inside ``ns``: send ``first`` and read its reply, then send ``last``, which should end the
+    connection; returns everything received (an RST after ``last`` counts as the end)."""
+
+    def go() -> bytes:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(first)
+            reply = s.recv(100)
+            s.sendall(last)
+            try:
+                return reply + s.recv(100)
+            except ConnectionResetError:
+                return reply
+
+    return ns.call(go)
+
+
 def udp_exchange(
     ns: Any, host: str, port: int, payload: bytes, timeout: float = 2.0
 ) -> tuple[bytes, Any] | None:
@@ -156,20 +173,8 @@ def test_every_message_verdict_is_byte_exact(served: dict[str, Any]) -> None:
     assert tcp_lines(served["client"], pair.b.ip4, 80, lines) == b"keep1\nREWRITTEN\nkeep2\n"
     # A message split over many tiny writes is still judged whole: "drop" never reaches the upstream.
     assert tcp_lines(served["client"], pair.b.ip4, 81, [bytes([c]) for c in b"a\ndrop\nb\n"]) == b"a\nb\n"
-
     # Close ends the connection at that message; nothing after it is forwarded.
-    def close_midway() -> bytes:
-        with socket.create_connection((pair.b.ip4, 82), timeout=5) as s:
-            s.sendall(b"x\n")
-            first = s.recv(100)
-            s.sendall(b"close\ny\n")
-            try:
-                rest = s.recv(100)
-            except ConnectionResetError:
-                rest = b""
-            return first + rest
-
-    assert served["client"].call(close_midway) == b"x\n"
+    assert exchange_then_end(served["client"], pair.b.ip4, 82, b"x\n", b"close\ny\n") == b"x\n"
 
 
 def test_raising_callback_closes_only_its_own_connection(served: dict[str, Any]) -> None:
@@ -193,19 +198,7 @@ def test_raising_callback_closes_only_its_own_connection(served: dict[str, Any])
     worker = threading.Thread(target=served["client"].call, args=(long_lived,))
     worker.start()
     assert ready.wait(10)
-
-    def failing() -> bytes:
-        with socket.create_connection((pair.b.ip4, 5001), timeout=5) as s:
-            s.sendall(b"ok\n")
-            first = s.recv(100)
-            s.sendall(b"boom\nnever\n")
-            try:
-                rest = s.recv(100)
-            except ConnectionResetError:
-                rest = b""
-            return first + rest
-
-    assert served["client"].call(failing) == b"ok\n"
+    assert exchange_then_end(served["client"], pair.b.ip4, 5001, b"ok\n", b"boom\nnever\n") == b"ok\n"
     failure_done.set()
     worker.join(10)
     assert result["reply"] == b"before\nafter\n"
