@@ -10,7 +10,6 @@ wherever that is possible.  Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,9 +21,13 @@ import click
 from ._policyfile import PolicyFileError
 from ._ranges import InvalidEndpoint, InvalidPrefix, InvalidRange, PrefixNotLocal, RouteCheckError
 from ._serve import (
+    DEFAULT_CONN_LOG_INTERVAL,
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HANDOFF_TIMEOUT,
     DEFAULT_LABEL,
     DEFAULT_PORTS,
+    LOG_FORMATS,
     LOG_LEVELS,
     MAX_WORKERS,
     ConfigError,
@@ -126,7 +129,7 @@ def cli() -> None:
 
     \b
     Nouns read:  bindings, status, policy
-    Verbs change: serve, bind, unbind, unload
+    Verbs change: serve, reload, bind, unbind, unload
 
     User errors print one line 'sockpolicy: error: ...' and exit with status 2.
     """
@@ -149,101 +152,155 @@ _label_option = click.option(
 _json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
 
+_serve_options: list[Callable[[Any], Any]] = [
+    click.option(
+        "--ports",
+        default=DEFAULT_PORTS,
+        show_default=True,
+        metavar="RANGES",
+        help="Destination ports to steer, e.g. 80,443,8000-8999.",
+    ),
+    click.option(
+        "--addr",
+        "addrs",
+        multiple=True,
+        metavar="PREFIX",
+        help="Destination prefix to steer; repeatable; must be routed locally. "
+        "[default: 127.0.0.1/32 and ::1/128]",
+    ),
+    _proto_option,
+    click.option(
+        "--upstream",
+        metavar="HOST[:PORT]",
+        help="Where passed connections go: HOST (at the original destination port), HOST:PORT or "
+        "[IPV6]:PORT.  [default: the built-in echo service]",
+    ),
+    click.option(
+        "--policy",
+        "policy_path",
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help="Policy: a Python module defining 'policy', or TOML [[rule]]s.  SIGHUP reloads it.",
+    ),
+    click.option(
+        "--workers",
+        type=click.IntRange(1, MAX_WORKERS),
+        default=1,
+        show_default=True,
+        help="Processes sharing the label's sockets via SO_REUSEPORT.",
+    ),
+    _label_option,
+    click.option(
+        "--drain-timeout",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_DRAIN_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help="On SIGINT/SIGTERM, how long open connections may finish.",
+    ),
+    click.option(
+        "--handoff-timeout",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_HANDOFF_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help="On SIGINT/SIGTERM, how long the listening sockets wait (queueing new connections) for a "
+        "successor serve to adopt them; 0: refuse new connections at once.",
+    ),
+    click.option(
+        "--connect-timeout",
+        type=click.FloatRange(min=0.001),
+        default=DEFAULT_CONNECT_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help="Upstream TCP connect timeout; the client is reset when it expires.",
+    ),
+    click.option(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9464.",
+    ),
+    click.option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        default="info",
+        show_default=True,
+        help="Logging verbosity (stderr).",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(LOG_FORMATS, case_sensitive=False),
+        default="text",
+        show_default=True,
+        help="Log lines as text or as one JSON object per line.",
+    ),
+    click.option(
+        "--conn-log-interval",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_CONN_LOG_INTERVAL,
+        show_default=True,
+        metavar="SECONDS",
+        help="Log a line for each connection open this long, and again every SECONDS; 0: never.",
+    ),
+    click.option(
+        "--user",
+        metavar="NAME",
+        help="After setup, drop root and run as this user with no capabilities.",
+    ),
+]
+
+
+def _with_serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_serve_options):
+        fn = option(fn)
+    return fn
+
+
+def _run_serve(takeover: bool, **options: Any) -> None:
+    from ._logging import setup_logging
+    from ._serve import ServeConfig, require_privileges, serve_main
+
+    options["policy"] = options.pop("policy_path")
+    config = ServeConfig.from_cli(takeover=takeover, **options)
+    require_privileges()
+    setup_logging(config.log_level, config.log_format)
+    code = serve_main(config)
+    if code:
+        sys.exit(code)
+
+
 @cli.command()
-@click.option(
-    "--ports",
-    default=DEFAULT_PORTS,
-    show_default=True,
-    metavar="RANGES",
-    help="Destination ports to steer, e.g. 80,443,8000-8999.",
-)
-@click.option(
-    "--addr",
-    "addrs",
-    multiple=True,
-    metavar="PREFIX",
-    help="Destination prefix to steer; repeatable; must be routed locally. "
-    "[default: 127.0.0.1/32 and ::1/128]",
-)
-@_proto_option
-@click.option(
-    "--upstream",
-    metavar="HOST[:PORT]",
-    help="Where passed connections go: HOST (at the original destination port), HOST:PORT or "
-    "[IPV6]:PORT.  [default: the built-in echo service]",
-)
-@click.option(
-    "--policy",
-    "policy_path",
-    metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="Policy: a Python module defining 'policy', or TOML [[rule]]s.",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(1, MAX_WORKERS),
-    default=1,
-    show_default=True,
-    help="Processes sharing the label's sockets via SO_REUSEPORT.",
-)
-@_label_option
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_DRAIN_TIMEOUT,
-    show_default=True,
-    metavar="SECONDS",
-    help="On SIGINT/SIGTERM, how long open connections may finish.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="Logging verbosity (stderr).",
-)
-def serve(
-    ports: str,
-    addrs: tuple[str, ...],
-    proto: str,
-    upstream: str | None,
-    policy_path: str | None,
-    workers: int,
-    label: str,
-    drain_timeout: float,
-    log_level: str,
-) -> None:
+@_with_serve_options
+def serve(**options: Any) -> None:
     """Steer traffic to a proxy and run it until SIGINT/SIGTERM.
 
     Everything is validated before the kernel is touched; on exit the bindings are removed again.
+    SIGHUP reloads --policy.  After SIGTERM the listening sockets wait --handoff-timeout seconds for a
+    successor (see 'sockpolicy reload').
 
     \b
     Examples:
       sockpolicy serve --upstream 127.0.0.2
       sockpolicy serve --ports 80,443 --addr 127.0.0.0/8 --proto tcp --upstream 127.0.0.2:8080
-      sockpolicy serve --policy rules.toml --workers 4
+      sockpolicy serve --policy rules.toml --workers 4 --metrics 127.0.0.1:9464
     """
-    from ._serve import ServeConfig, require_privileges, serve_main
+    _run_serve(False, **options)
 
-    config = ServeConfig.from_cli(
-        ports=ports,
-        addrs=addrs,
-        proto=proto,
-        upstream=upstream,
-        policy=policy_path,
-        workers=workers,
-        label=label,
-        drain_timeout=drain_timeout,
-        log_level=log_level,
-    )
-    require_privileges()
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper()),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
-    code = serve_main(config)
-    if code:
-        sys.exit(code)
+
+@cli.command()
+@_with_serve_options
+def reload(**options: Any) -> None:
+    """Restart the running serve of --label without refusing a connection.
+
+    Validates the options, then asks the running 'serve' of the label (through its handoff socket) to
+    stop as on SIGTERM and hand over its listening sockets and bindings, and continues as the new
+    'serve' in the foreground.  Takes the same options as 'serve'.
+
+    \b
+    Example:
+      sockpolicy reload --policy rules.toml --upstream 127.0.0.2
+    """
+    _run_serve(True, **options)
 
 
 def _binding_args(proto: str, addrs: tuple[str, ...], ports: str, label: str, *, check: bool) -> list[Any]:

@@ -8,8 +8,12 @@ The code is layered so that most of it runs without privileges:
 * :func:`steering` — **the only kernel-touching part**: opens the dispatcher, adds the bindings,
   registers the sockets, and on exit removes exactly what it added (unloading the dispatcher again if
   this process created it and nothing else uses it).
-* :func:`run_serve` / :func:`run_worker` — the trio side: proxy, SIGINT/SIGTERM, draining.
+* :func:`run_serve` / :func:`run_worker` — the trio side: proxy, SIGINT/SIGTERM, draining, SIGHUP.
 * :func:`serve_main` — the synchronous entry point used by the CLI, including ``--workers`` forking.
+
+Around them, the operations features (docs/operations.md): the socket handoff of a restart
+(:mod:`sockpolicy._handoff`), Prometheus metrics (:mod:`sockpolicy._metrics`), policy hot reload
+(:class:`ReloadablePolicy`) and the privilege drop of ``--user`` (:mod:`sockpolicy._privileges`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import ipaddress
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import sys
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +51,8 @@ from ._ranges import (
 
 if TYPE_CHECKING:
     from ._dispatcher import Dispatcher
-    from .proxy import Policy
+    from ._handoff import Adopted, HandoffServer
+    from .proxy import Policy, ServeHandle
 
 __all__ = [
     "DEFAULT_ADDRS",
@@ -67,7 +75,11 @@ DEFAULT_PORTS = "8000-8999"
 DEFAULT_ADDRS = ("127.0.0.1/32", "::1/128")
 DEFAULT_LABEL = "default"
 DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_HANDOFF_TIMEOUT = 5.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_CONN_LOG_INTERVAL = 60.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 MAX_WORKERS = 256
 
 # The dispatcher stores labels in a 32-byte map key: 1-31 characters (sockpolicy._dispatcher.check_label).
@@ -98,6 +110,18 @@ class ServeConfig:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     log_level: str = "info"
     policy: Policy | None = field(default=None, compare=False, repr=False)
+    #: ``--metrics``: where to serve Prometheus metrics, or ``None``.
+    metrics: tuple[str, int] | None = None
+    log_format: str = "text"
+    #: after SIGTERM, how long the listening sockets are offered to a successor (0: not at all).
+    handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    #: seconds between the log lines of a long-lived connection (0: no periodic lines).
+    conn_log_interval: float = DEFAULT_CONN_LOG_INTERVAL
+    #: ``--user``: drop to this user after setup.
+    user: str | None = None
+    #: ``sockpolicy reload``: make the running serve of the label stop and hand its sockets over.
+    takeover: bool = False
 
     @classmethod
     def from_cli(
@@ -112,6 +136,13 @@ class ServeConfig:
         label: str = DEFAULT_LABEL,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         log_level: str = "info",
+        metrics: str | None = None,
+        log_format: str = "text",
+        handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        conn_log_interval: float = DEFAULT_CONN_LOG_INTERVAL,
+        user: str | None = None,
+        takeover: bool = False,
         check_routes: bool = True,
         load: bool = True,
     ) -> ServeConfig:
@@ -138,6 +169,20 @@ class ServeConfig:
             raise ConfigError(f"invalid --drain-timeout {drain_timeout}: must be 0 or more seconds")
         if log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"invalid --log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+        if log_format.lower() not in LOG_FORMATS:
+            raise ConfigError(f"invalid --log-format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+        metrics_addr = _parse_metrics(metrics, prefixes, port_ranges) if metrics is not None else None
+        for name, value, minimum in (
+            ("--handoff-timeout", handoff_timeout, 0.0),
+            ("--connect-timeout", connect_timeout, 0.001),
+            ("--conn-log-interval", conn_log_interval, 0.0),
+        ):
+            if not value >= minimum:  # also rejects NaN
+                raise ConfigError(f"invalid {name} {value}: must be {minimum:g} or more seconds")
+        if user is not None:
+            from ._privileges import resolve_user
+
+            resolve_user(user)
         loaded = None
         path = Path(policy) if policy is not None else None
         if path is not None and load:
@@ -155,6 +200,13 @@ class ServeConfig:
             drain_timeout=float(drain_timeout),
             log_level=log_level.lower(),
             policy=loaded,
+            metrics=metrics_addr,
+            log_format=log_format.lower(),
+            handoff_timeout=float(handoff_timeout),
+            connect_timeout=float(connect_timeout),
+            conn_log_interval=float(conn_log_interval),
+            user=user,
+            takeover=takeover,
         )
 
     @property
@@ -198,6 +250,27 @@ def _parse_upstream(text: str) -> tuple[str, int | None]:
         raise InvalidEndpoint(f"--upstream: {exc}") from None
 
 
+def _parse_metrics(text: str, prefixes: Sequence[IPNetwork], ports: PortRanges) -> tuple[str, int]:
+    try:
+        host, port = parse_endpoint(text, require_port=True)
+    except InvalidEndpoint as exc:
+        raise InvalidEndpoint(f"--metrics: {exc}") from None
+    assert port is not None
+    # SK_LOOKUP runs before the normal socket lookup: a metrics port inside the steered range would be
+    # answered by the proxy, not by the metrics server.
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host, port
+    for prefix in prefixes:
+        if addr.version == prefix.version and (addr in prefix or addr.is_unspecified) and port in ports:
+            raise ConfigError(
+                f"--metrics {text} is inside the steered range {prefix} ports {ports}, so the proxy would "
+                "answer it; choose a port outside it"
+            )
+    return host, port
+
+
 def _check_no_loop(
     upstream: tuple[str, int | None], prefixes: Sequence[IPNetwork], ports: PortRanges
 ) -> None:
@@ -229,20 +302,27 @@ class ListenSockets:
     """One worker's listening sockets, keyed by ``(proto, family)``: ``("tcp", 4)``, ``("udp", 6)``, ..."""
 
     socks: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
+    #: more members of the same reuseport groups, adopted from a predecessor that had more workers.
+    extra: list[tuple[tuple[str, int], socket.socket]] = field(default_factory=list)
 
     def all(self) -> list[socket.socket]:
-        return list(self.socks.values())
+        return [*self.socks.values(), *(s for _, s in self.extra)]
+
+    def items(self) -> list[tuple[tuple[str, int], socket.socket]]:
+        """``(key, socket)`` for every socket, primaries first."""
+        return [*self.socks.items(), *self.extra]
 
     def of(self, proto: str) -> list[socket.socket]:
         """The sockets of one protocol, IPv4 first."""
-        return [s for (p, _), s in sorted(self.socks.items()) if p == proto]
+        extra = [s for (p, _), s in self.extra if p == proto]
+        return [s for (p, _), s in sorted(self.socks.items()) if p == proto] + extra
 
     def addresses(self) -> dict[str, tuple[Any, ...]]:
         """``{"tcp4": ("127.0.0.1", port), ...}`` for logs and tests."""
         return {f"{p}{v}": s.getsockname() for (p, v), s in sorted(self.socks.items())}
 
     def close(self) -> None:
-        for s in self.socks.values():
+        for s in self.all():
             s.close()
 
 
@@ -302,13 +382,30 @@ def require_privileges() -> None:
 
 
 class Steering:
-    """The bindings and socket registrations one ``serve`` made; :meth:`stop` undoes them."""
+    """The bindings and socket registrations one ``serve`` made; :meth:`stop` undoes them.
+
+    :ivar added: the bindings this serve owns: it added them, or took them over from a predecessor
+        (socket handoff, or the state file of one that was killed).  Only these are removed.
+    :ivar created: whether the dispatcher was loaded by this serve (or by the predecessor it took over
+        from); then :meth:`stop` unloads it when no bindings remain.
+    :ivar handed_off: a successor took everything over: :meth:`stop` leaves it all in place.
+    """
 
     def __init__(self, dispatcher: Dispatcher, created: bool) -> None:
         self.dispatcher = dispatcher
         self.created = created
         self.added: list[Any] = []
         self.stopped = False
+        self.handed_off = False
+        #: False after a privilege drop: removing pinned files in bpffs needs root (docs/security.md).
+        self.can_unload = True
+
+    def added_json(self) -> list[dict[str, str]]:
+        """The owned bindings as JSON-able dicts (handoff metadata, state file)."""
+        return [
+            {"proto": b.proto, "prefix": str(b.prefix), "ports": str(b.ports), "label": b.label}
+            for b in self.added
+        ]
 
     def stop(self) -> None:
         """Remove the bindings (new connections stop being steered); idempotent.
@@ -318,6 +415,9 @@ class Steering:
         if self.stopped:
             return
         self.stopped = True
+        if self.handed_off:
+            log.info("bindings and sockets handed over to the successor; leaving them in place")
+            return
         for binding in reversed(self.added):
             try:
                 self.dispatcher.remove_binding(binding)
@@ -327,18 +427,39 @@ class Steering:
         if self.created:
             try:
                 if not self.dispatcher.bindings():
-                    self.dispatcher.unload()
+                    if self.can_unload:
+                        self.dispatcher.unload()
+                    else:
+                        log.info(
+                            "privileges dropped: leaving the empty dispatcher loaded (sockpolicy unload)"
+                        )
             except Exception as exc:
                 log.warning("could not unload the dispatcher: %s", exc)
 
 
+def _family_version(family: Any) -> int:
+    return 6 if str(family) in ("ipv6", "6", str(int(socket.AF_INET6))) else 4
+
+
 @contextlib.contextmanager
-def steering(config: ServeConfig, sockets: ListenSockets) -> Iterator[Steering]:
+def steering(
+    config: ServeConfig,
+    sockets: ListenSockets,
+    *,
+    adopted: Adopted | None = None,
+    inherited: dict[str, Any] | None = None,
+) -> Iterator[Steering]:
     """KERNEL-TOUCHING: steer the config's bindings to ``sockets``; undo everything on exit.
 
     If anything fails half-way (a binding already exists, the kernel lacks SK_LOOKUP, ...), the
     bindings added so far are removed and a dispatcher this call loaded is unloaded again, so a failed
     ``serve`` leaves nothing attached or pinned.
+
+    :param adopted: sockets handed over by the label's previous ``serve`` (restart).  They are already
+        registered, so the label counts as free; once everything is set up the predecessor is told
+        (:meth:`Adopted.confirm`) and its bindings become this serve's.
+    :param inherited: the state file of a predecessor that died without cleaning up: the bindings it
+        added become this serve's.
     """
     from ._dispatcher import Binding, Dispatcher
     from ._errors import NotLoaded
@@ -354,23 +475,50 @@ def steering(config: ServeConfig, sockets: ListenSockets) -> Iterator[Steering]:
         try:
             # Registering replaces the label's sockets, so a second serve on a live label would
             # silently take its traffic (and later remove bindings the first one relies on).  The
-            # sockmap drops closed sockets, so a registered socket means a live process.
-            if dispatcher.sockets().get(config.label):
+            # sockmap drops closed sockets, so a registered socket means a live process -- unless
+            # it is one of the sockets that process just handed to us.
+            registered = dispatcher.sockets().get(config.label) or []
+            ours = adopted.cookies() if adopted is not None else set()
+            if any(entry.get("cookie") not in ours for entry in registered):
                 raise ConfigError(
                     f"label {config.label!r} is already being served by another process; "
                     "stop it first, or use another --label (or --workers N for more processes)"
                 )
             # add_binding is a no-op for an identical existing binding; such a binding belongs to
-            # whoever made it (e.g. an earlier 'sockpolicy bind'), so it is neither recorded nor removed.
+            # whoever made it (e.g. an earlier 'sockpolicy bind'), so it is neither recorded nor removed
+            # -- unless our predecessor made it: then it is ours now.
             existing = set(dispatcher.bindings())
+            before = adopted.added if adopted is not None else (inherited or {}).get("added", [])
+            taken = [b for b in (Binding(**d) for d in before) if b in existing]
+            wanted = []
             for proto, prefix, ports, label in config.bindings():
                 binding = Binding(proto, prefix, ports, label)
+                wanted.append(binding)
                 if binding in existing:
                     continue
                 dispatcher.add_binding(binding)
                 state.added.append(binding)
-            for sock in sockets.all():
+            slots = {(e["proto"], _family_version(e["family"])): e.get("cookie") for e in registered}
+            for key, sock in sockets.socks.items():
+                members = {
+                    _cookie(s) for k, s in (adopted.sockets if adopted is not None else []) if k == key
+                }
+                if slots.get(key) is not None and slots[key] in members:
+                    continue  # the predecessor's registration already points at this reuseport group
                 dispatcher.register_socket(config.label, sock)
+            if adopted is not None:
+                adopted.confirm()  # from here on the predecessor leaves bindings and sockets to us
+            if adopted is not None:
+                state.created = created or adopted.created
+            elif inherited is not None:
+                state.created = created or bool(inherited.get("created"))
+            state.added = [*taken, *(b for b in state.added if b not in taken)]
+            for binding in [b for b in taken if b not in wanted]:
+                dispatcher.remove_binding(binding)  # the predecessor's config wanted it, ours does not
+                state.added.remove(binding)
+            for key in slots:
+                if key not in sockets.socks:
+                    dispatcher.unregister_socket(config.label, key[0], key[1])
             log.info(
                 "steering %s %s ports %s to label %r",
                 "+".join(config.protos),
@@ -381,6 +529,302 @@ def steering(config: ServeConfig, sockets: ListenSockets) -> Iterator[Steering]:
             yield state
         finally:
             state.stop()
+
+
+def _cookie(sock: socket.socket) -> int | None:
+    from ._handoff import socket_cookie
+
+    try:
+        return socket_cookie(sock)
+    except OSError:
+        return None
+
+
+# --- operations: limits, policy reload, handoff, metrics, privileges -----------------------------------
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each proxied connection needs two fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+@functools.cache
+def _reloadable_class() -> type:
+    from .proxy import Policy
+
+    class ReloadablePolicy(Policy):
+        """A :class:`~sockpolicy.proxy.Policy` whose rules can be swapped while serving (SIGHUP).
+
+        A connection uses the policy that was in force when it started, for all its callbacks: the
+        proxy asks for the on_connect rule first, and that pins the current policy to the connection.
+        Swapping is one reference assignment in the trio thread, so new connections switch atomically.
+        """
+
+        def __init__(self, current: Policy) -> None:
+            super().__init__()
+            self.current = current
+            self.reloads = {"ok": 0, "failed": 0}
+            self._pinned: weakref.WeakKeyDictionary[Any, Policy] = weakref.WeakKeyDictionary()
+
+        def swap(self, policy: Policy) -> None:
+            self.current = policy
+
+        def _connect_rule(self, conn: Any) -> Any:
+            policy = self._pinned.setdefault(conn, self.current)
+            return policy._connect_rule(conn)
+
+        def _message_rule(self, conn: Any, direction: Any) -> Any:
+            policy = self._pinned.get(conn) or self.current
+            return policy._message_rule(conn, direction)
+
+    return ReloadablePolicy
+
+
+def reloadable(policy: Policy | None) -> Any:
+    """Wrap ``policy`` (``None``: pass everything) so that SIGHUP can replace it."""
+    from .proxy import Policy
+
+    return _reloadable_class()(policy if policy is not None else Policy())
+
+
+async def reload_policy(config: ServeConfig, policy: Any) -> bool:
+    """SIGHUP: load ``--policy`` again; swap it in, or keep the current one and log why."""
+    if config.policy_path is None:
+        log.warning("SIGHUP: serve has no --policy; nothing to reload")
+        return False
+    from ._policyfile import load_policy
+
+    try:
+        new = await trio.to_thread.run_sync(load_policy, config.policy_path)
+    except Exception as exc:
+        policy.reloads["failed"] += 1
+        log.error("SIGHUP: keeping the current policy: %s", exc)
+        return False
+    policy.swap(new)
+    policy.reloads["ok"] += 1
+    log.info("SIGHUP: policy %s reloaded; new connections use it", config.policy_path)
+    return True
+
+
+class Runtime:
+    """Everything ``serve`` sets up around the proxy, in order, and undoes in reverse.
+
+    1. raise RLIMIT_NOFILE; ask the label's running serve for its sockets (restart);
+    2. sockets: the adopted ones, plus new ones for what is missing;
+    3. steering (bindings, registrations; confirms the handoff), the state file;
+    4. bind the handoff socket and the metrics port; drop privileges (``--user``);
+    5. :meth:`start_services` starts their threads (after forking the workers).
+    """
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.stack = contextlib.ExitStack()
+        self.socket_sets: list[ListenSockets] = []
+        self.steer: Steering | None = None
+        self.handoff: HandoffServer | None = None
+        self.metrics: Any = None
+        self.receiver: Any = None
+        self.policy = reloadable(config.policy)
+        self.stats: list[Any] = []  # ServeStats of the trio workers in this process
+        self.expired = False
+
+    def __enter__(self) -> Runtime:
+        try:
+            self._setup()
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.steer is not None and self.handoff is not None:
+            self.steer.handed_off = self.handoff.handed_off.is_set()
+        self.stack.close()
+
+    def _setup(self) -> None:
+        from . import _handoff
+
+        config = self.config
+        raise_nofile_limit()
+        require_privileges()
+        directory = _handoff.run_dir()
+        adopted = self._ask_predecessor(directory)
+        inherited = None
+        if adopted is None:
+            inherited = _dead_state(_handoff.read_state(directory, config.label))
+        else:
+            self.stack.callback(adopted.abandon)  # after confirm() this only closes our dups
+            log.info("adopted %d sockets from pid %d", len(adopted.sockets), adopted.pid)
+        self.socket_sets = _socket_sets(config, adopted)
+        for sockets in self.socket_sets:
+            self.stack.callback(sockets.close)
+        self.steer = self.stack.enter_context(
+            steering(config, self.socket_sets[0], adopted=adopted, inherited=inherited)
+        )
+        steer = self.steer
+        _handoff.write_state(
+            directory,
+            config.label,
+            {"pid": os.getpid(), "added": steer.added_json(), "created": steer.created},
+        )
+        self.stack.callback(_handoff.remove_state, directory, config.label, os.getpid())
+        self.handoff = _handoff.HandoffServer(
+            directory, config.label, self._offer, lambda: os.kill(os.getpid(), signal.SIGTERM)
+        )
+        self.stack.callback(self.handoff.close)
+        if config.metrics is not None:
+            self._setup_metrics()
+        if config.user is not None:
+            from ._privileges import drop_privileges
+
+            drop_privileges(config.user)
+            steer.can_unload = False
+            log.info("running as user %r with no capabilities", config.user)
+
+    def _ask_predecessor(self, directory: Path) -> Adopted | None:
+        from ._handoff import HandoffBusy, request_handoff
+
+        try:
+            adopted = request_handoff(directory, self.config.label, takeover=self.config.takeover)
+            if adopted is None and self.config.takeover:
+                raise ConfigError(
+                    f"no running serve of label {self.config.label!r} to reload in this network namespace; "
+                    "start one with 'sockpolicy serve'"
+                )
+            return adopted
+        except HandoffBusy as busy:
+            raise ConfigError(
+                f"label {self.config.label!r} is already being served by another process (pid {busy.pid}); "
+                "stop it first, restart it with 'sockpolicy reload', or use another --label"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"socket handoff from the running serve failed: {exc}") from None
+
+    def _offer(self) -> Any:
+        from ._handoff import Offer
+
+        assert self.steer is not None
+        socks = [item for sockets in self.socket_sets for item in sockets.items()]
+        return Offer(socks, self.steer.added_json(), self.steer.created)
+
+    def _setup_metrics(self) -> None:
+        from ._dispatcher import Dispatcher
+        from ._metrics import Collector, MetricsServer, SnapshotReceiver, open_rules, snapshot
+
+        config = self.config
+        assert config.metrics is not None
+        # Its own fds: the HTTP thread reads counters while the trio thread may change bindings.
+        dispatcher = self.stack.enter_context(Dispatcher.open(create=False))
+        if config.workers > 1:
+            self.receiver = SnapshotReceiver()
+            self.stack.callback(self.receiver.close)
+            stats: Callable[[], list[dict[str, Any]]] = self.receiver.snapshots
+        else:
+            stats = lambda: [snapshot(s) for s in self.stats]  # noqa: E731
+        collector = Collector(
+            config.label, stats, dispatcher=dispatcher, rules=open_rules(), policy=lambda: self.policy
+        )
+        try:
+            self.metrics = MetricsServer(config.metrics, collector)
+        except OSError as exc:
+            host, port = config.metrics
+            raise ConfigError(f"--metrics {host}:{port}: cannot listen: {exc.strerror or exc}") from None
+        self.stack.callback(self.metrics.close)
+
+    def start_services(self) -> None:
+        """Start the handoff, metrics and snapshot threads."""
+        if self.handoff is not None:
+            self.handoff.start()
+        if self.metrics is not None:
+            self.metrics.start()
+        if self.receiver is not None:
+            self.receiver.start()
+
+    def close_in_child(self) -> None:
+        """In a forked worker: close the inherited fds of the parent's services."""
+        if self.handoff is not None:
+            self.handoff.close_in_child()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
+
+    def begin_stop(self) -> None:
+        """SIGTERM: from now on a successor may take the sockets."""
+        if self.handoff is not None:
+            self.handoff.stopping.set()
+
+    def handed_off(self) -> bool:
+        return self.handoff is not None and self.handoff.handed_off.is_set()
+
+    def expire(self) -> bool:
+        """The offer window is over: if nobody took the sockets, stop steering here (idempotent).
+
+        :returns: whether the window is closed (False while a successor is taking over).
+        """
+        if self.expired:
+            return True
+        if self.handoff is not None and not self.handoff.try_expire():
+            return self.handed_off()
+        self.expired = True
+        if self.steer is not None:
+            self.steer.stop()  # new connections are refused from now on, not queued
+        return True
+
+
+def _dead_state(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The state file of a serve that died without cleaning up (``None`` if it is alive or absent)."""
+    if not doc or not isinstance(doc.get("pid"), int):
+        return None
+    try:
+        os.kill(doc["pid"], 0)
+    except ProcessLookupError:
+        log.info("taking over the bindings of serve pid %d, which died without removing them", doc["pid"])
+        return doc
+    except PermissionError:
+        pass
+    return None
+
+
+def _socket_sets(config: ServeConfig, adopted: Adopted | None) -> list[ListenSockets]:
+    """One :class:`ListenSockets` per worker: adopted sockets first (spread over the workers), then new
+    ones for whatever is missing, each joining the reuseport group of the first set."""
+    if adopted is None:
+        sets = [create_sockets(config)]
+        try:
+            sets += [create_sockets(config, like=sets[0]) for _ in range(config.workers - 1)]
+        except BaseException:
+            for s in sets:
+                s.close()
+            raise
+        return sets
+    wanted = {(proto, p.version) for proto in config.protos for p in config.addrs}
+    sets = [ListenSockets() for _ in range(config.workers)]
+    counts: dict[tuple[str, int], int] = {}
+    for key, sock in adopted.sockets:
+        if key not in wanted:
+            continue  # steering unregisters the slot; the predecessor closes its copy
+        sock.setblocking(False)
+        target = sets[counts.get(key, 0) % len(sets)]
+        counts[key] = counts.get(key, 0) + 1
+        if key in target.socks:
+            target.extra.append((key, sock))
+        else:
+            target.socks[key] = sock
+    try:
+        for target in sets:
+            fresh = create_sockets(config, like=sets[0] if sets[0].socks else None)
+            for key, sock in fresh.socks.items():
+                if key in target.socks:
+                    sock.close()
+                else:
+                    target.socks[key] = sock
+    except BaseException:
+        for s in sets:
+            s.close()
+        raise
+    return sets
 
 
 # --- trio side ---------------------------------------------------------------------------------------
@@ -394,23 +838,38 @@ class ServeInfo:
     addresses: dict[str, tuple[Any, ...]]
 
 
+async def _report_long_lived(handle: ServeHandle, interval: float) -> None:
+    while True:
+        await trio.sleep(max(0.25, min(interval / 4, 5.0)))
+        handle.stats.report_long_lived(interval)
+
+
 async def run_worker(
     config: ServeConfig,
     sockets: ListenSockets,
     *,
-    on_stop: Callable[[], None] | None = None,
+    on_stop: Callable[[], Any] | None = None,
+    runtime: Runtime | None = None,
+    policy: Any = None,
+    snapshot_sock: socket.socket | None = None,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy on ``sockets`` until SIGINT/SIGTERM, then drain and return.
 
-    Draining: ``on_stop`` (if given) runs first so that the dispatcher stops steering new connections
-    here; then the proxy stops accepting and gives open connections up to ``config.drain_timeout``
-    seconds (:meth:`ServeHandle.aclose <sockpolicy.proxy.ServeHandle.aclose>`).
-    """
-    from .proxy import Policy, serve
+    SIGHUP reloads the policy file (:func:`reload_policy`).
 
-    policy = config.policy if config.policy is not None else Policy()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    Stopping: the proxy stops accepting at once and gives open connections up to
+    ``config.drain_timeout`` seconds (:meth:`ServeHandle.aclose <sockpolicy.proxy.ServeHandle.aclose>`).
+    With a ``runtime`` (the process that owns the steering), the sockets stay open and registered for
+    ``config.handoff_timeout`` seconds so that a successor can adopt them; if none does, the steering is
+    removed then (``runtime.expire()``).  Without one, ``on_stop`` (if given) runs at once, which removes
+    the steering right away.
+    """
+    from .proxy import serve
+
+    if policy is None:
+        policy = runtime.policy if runtime is not None else reloadable(config.policy)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(
                 functools.partial(
@@ -420,76 +879,105 @@ async def run_worker(
                     udp_sockets=sockets.of("udp"),
                     upstream=config.upstream,
                     label=config.label,
+                    connect_timeout=config.connect_timeout,
                 )
             )
+            if runtime is not None:
+                runtime.stats.append(handle.stats)
+            background = trio.CancelScope()
+
+            async def side_tasks() -> None:
+                with background:
+                    async with trio.open_nursery() as side:
+                        if config.conn_log_interval > 0:
+                            side.start_soon(_report_long_lived, handle, config.conn_log_interval)
+                        if snapshot_sock is not None:
+                            from ._metrics import send_snapshots
+
+                            side.start_soon(send_snapshots, snapshot_sock, handle.stats)
+
+            nursery.start_soon(side_tasks)
             task_status.started(ServeInfo(config.label, sockets.addresses()))
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await reload_policy(config, policy)
+                    continue
                 log.info("%s: draining for up to %gs", signal.Signals(signum).name, config.drain_timeout)
                 break
-            if on_stop is not None:
-                on_stop()
-            await handle.aclose(config.drain_timeout)
+            handle.stop(config.drain_timeout)
+            if runtime is not None:
+                runtime.begin_stop()
+                deadline = trio.current_time() + config.handoff_timeout
+                while True:
+                    closed = runtime.handed_off() or (trio.current_time() >= deadline and runtime.expire())
+                    if closed and handle.finished:
+                        break
+                    await trio.sleep(0.05)
+            else:
+                if on_stop is not None:
+                    on_stop()
+                await handle.aclose(config.drain_timeout)
+            background.cancel()
 
 
 async def run_serve(
     config: ServeConfig, *, task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Single-process ``serve``: sockets, steering, proxy, signals, drain; returns after a clean stop."""
-    sockets = create_sockets(config)
-    try:
-        with steering(config, sockets) as steer:
-            await run_worker(config, sockets, on_stop=steer.stop, task_status=task_status)
-    finally:
-        sockets.close()
+    """Single-process ``serve``: setup (:class:`Runtime`), proxy, signals, drain, handoff; returns after a
+    clean stop."""
+    with Runtime(config) as runtime:
+        runtime.start_services()
+        await run_worker(config, runtime.socket_sets[0], runtime=runtime, task_status=task_status)
 
 
 def serve_main(config: ServeConfig) -> int:
     """Synchronous entry point for the CLI; returns the exit status.
 
-    With ``workers > 1`` the parent creates every worker's sockets first (all in one reuseport
-    group), sets up steering once, forks the workers, and forwards SIGINT/SIGTERM to them.  When
-    every worker has exited it removes the steering.  A worker dying on its own stops the others.
+    With ``workers > 1`` the parent sets everything up once (sockets of every worker in one reuseport
+    group, steering, handoff socket, metrics), forks N workers, forwards SIGINT/SIGTERM/SIGHUP to them,
+    serves handoffs and metrics, and when every worker has exited (and the handoff window is over)
+    removes the steering.  A worker dying on its own stops the others.
     """
     if config.workers == 1:
         trio.run(run_serve, config)
         return 0
-
-    socket_sets = [create_sockets(config)]
-    try:
-        socket_sets += [create_sockets(config, like=socket_sets[0]) for _ in range(config.workers - 1)]
-        with steering(config, socket_sets[0]) as steer:
-            return _run_workers(config, socket_sets, steer)
-    finally:
-        for s in socket_sets:
-            s.close()
+    with Runtime(config) as runtime:
+        return _run_workers(config, runtime)
 
 
-def _run_workers(config: ServeConfig, socket_sets: list[ListenSockets], steer: Steering) -> int:
+def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
     children: dict[int, int] = {}
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        if not stopping:
+        if signum != signal.SIGHUP and not stopping:
             stopping = True
-            steer.stop()  # no new connections while the workers drain
+            runtime.begin_stop()
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, forward) for s in handled}
     try:
-        for index, sockets in enumerate(socket_sets):
+        for index, sockets in enumerate(runtime.socket_sets):
+            snapshot_sock = runtime.receiver.add_worker(index) if runtime.receiver is not None else None
             pid = os.fork()
             if pid == 0:  # child: serve its own sockets only, never return into the CLI
                 code = 1
                 try:
                     for s, handler in old.items():
                         signal.signal(s, handler)
-                    for other in socket_sets:
+                    runtime.close_in_child()
+                    for other in runtime.socket_sets:
                         if other is not sockets:
                             other.close()
-                    trio.run(run_worker, config, sockets)
+                    trio.run(
+                        functools.partial(
+                            run_worker, config, sockets, policy=runtime.policy, snapshot_sock=snapshot_sock
+                        )
+                    )
                     code = 0
                 except BaseException:
                     log.exception("worker %d failed", index)
@@ -497,23 +985,36 @@ def _run_workers(config: ServeConfig, socket_sets: list[ListenSockets], steer: S
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
+            if snapshot_sock is not None:
+                snapshot_sock.close()
             children[pid] = index
             log.info("worker %d started (pid %d)", index, pid)
-        for sockets in socket_sets:
-            sockets.close()  # the workers hold their own copies
+        # The parent keeps its copies of the sockets: they are what it offers to a successor.
+        runtime.start_services()
         status = 0
-        while children:
-            try:
-                pid, wait_status = os.wait()
-            except ChildProcessError:
-                break
-            index = children.pop(pid, None)
-            code = os.waitstatus_to_exitcode(wait_status)
-            if code != 0 or not stopping:
-                log.error("worker %s (pid %d) exited with status %d; stopping", index, pid, code)
-                status = 1
-                forward(signal.SIGTERM, None)
-        return status
+        deadline: float | None = None
+        while True:
+            while children:
+                try:
+                    pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    children.clear()
+                    break
+                if pid == 0:
+                    break
+                index = children.pop(pid, None)
+                code = os.waitstatus_to_exitcode(wait_status)
+                if code != 0 or not stopping:
+                    log.error("worker %s (pid %d) exited with status %d; stopping", index, pid, code)
+                    status = 1
+                    forward(signal.SIGTERM, None)
+            if stopping:
+                if deadline is None:
+                    deadline = time.monotonic() + config.handoff_timeout
+                closed = runtime.handed_off() or (time.monotonic() >= deadline and runtime.expire())
+                if closed and not children:
+                    return status
+            time.sleep(0.05)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
