@@ -19,6 +19,7 @@ file name.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import ipaddress
 import itertools
@@ -343,9 +344,13 @@ def compile_rules(rules: list[ConnectionRule]) -> Policy:
 
     frozen = list(rules)
     policy = Policy()
+    # Per-rule match counts, exported by `serve --metrics` as sockpolicy_policy_rule_matches_total.
+    hits: collections.Counter[tuple[str, str]] = collections.Counter()
+    policy.rule_hits = hits  # type: ignore[attr-defined]
 
     def toml_rules(conn: Any) -> Any:
         rule = first_match(frozen, conn.proto, conn.client, conn.original_dst)
+        hits[(rule.label, rule.action) if rule is not None else ("(none)", "pass")] += 1
         if rule is None or rule.action == "pass":
             return Pass()
         if rule.action == "drop":
