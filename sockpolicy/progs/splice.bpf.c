@@ -16,6 +16,12 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
+// The two fields of the kernel's struct tcp_sock the verdict reads (through bpf_skc_to_tcp_sock); libbpf
+// relocates their offsets against the running kernel's BTF (CO-RE), so no vmlinux.h is needed.
+struct tcp_sock {
+    __u32 write_seq; // sequence number after the last byte queued for sending
+} __attribute__((preserve_access_index));
+
 #define MODE_PASS 0    // userspace relays; the verdict passes and counts
 #define MODE_PENDING 1 // userspace asked to splice; the verdict switches once forwarded == passed
 #define MODE_SPLICED 2 // every skb is redirected to the peer (set by the verdict only)
@@ -27,19 +33,29 @@
 #define STAT_NO_SLOT 1       // no free slot among PROBES: the socket stays out of `socks`
 #define STAT_ENROL_FAILED 2  // bpf_sock_hash_update failed (map full, ...)
 #define STAT_PEER_GONE 3     // skbs dropped in MODE_SPLICED because the peer had left `socks`
-#define N_STATS 4
+#define STAT_THROTTLED 4     // MODE_SPLICED -> MODE_PENDING switches (the peer's backlog was too long)
+#define N_STATS 5
 
-// Must match _splice.py (_Conn).  64 bytes: one cache line per connection.
+#define CFG_HIGH 0 // backlog (bytes) above which the verdict hands skbs back to userspace
+#define CFG_LOW 1  // backlog (bytes) under which it splices again
+#define N_CFG 2
+
+// Must match _splice.py (_Conn).  128 bytes: two cache lines per socket.
 struct conn {
     __u64 owner;      // cookie of the socket holding the slot (kernel, at enrolment)
     __u64 peer;       // cookie of the socket to redirect to (userspace, before MODE_PENDING)
-    __u32 mode;       // MODE_*: userspace writes PENDING once; the verdict writes SPLICED once
+    __u32 mode;       // MODE_*: userspace writes PENDING once; after that only the verdict writes it
     __u32 closed;     // 1 once the socket reached TCP_CLOSE (kernel)
     __u64 passed;     // payload bytes handed to userspace (verdict only)
     __u64 forwarded;  // passed bytes userspace has written to the peer (userspace only)
     __u64 redirected; // payload bytes redirected to the peer (verdict only)
-    __u64 skbs;       // verdict runs (diagnostics)
+    __u64 skbs;       // verdict runs with payload (diagnostics)
     __u64 dropped;    // bytes dropped because the peer was gone (verdict only)
+    __u64 written;    // bytes userspace wrote INTO this socket (userspace only)
+    __u64 seq_base;   // write_seq at enrolment (= snd_nxt: nothing queued yet), the origin for peer_backlog
+    __u32 peer_slot;  // slot of `peer` (userspace, before MODE_PENDING)
+    __u32 throttles;  // MODE_SPLICED -> MODE_PENDING switches because the peer fell behind (verdict only)
+    __u64 pad[5];
 };
 
 struct {
@@ -83,6 +99,14 @@ struct {
     __type(value, __u64);
 } stats SEC(".maps");
 
+// [CFG_*]: written by userspace before attaching.
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, N_CFG);
+    __type(key, __u32);
+    __type(value, __u64);
+} config SEC(".maps");
+
 static __always_inline void bump(__u32 key)
 {
     __u64 *value = bpf_map_lookup_elem(&stats, &key);
@@ -125,6 +149,10 @@ static __always_inline void enrol(struct bpf_sock_ops *skops)
     c->redirected = 0;
     c->skbs = 0;
     c->dropped = 0;
+    c->written = 0;
+    c->peer_slot = 0;
+    c->throttles = 0;
+    c->seq_base = skops->snd_nxt;
     c->owner = cookie;
     if (bpf_map_update_elem(&slot_of, &cookie, &slot, BPF_NOEXIST) != 0) {
         c->owner = 0;
@@ -169,6 +197,41 @@ int splice_sockops(struct bpf_sock_ops *skops)
     return 1;
 }
 
+static __always_inline __u64 cfg(__u32 key, __u64 fallback)
+{
+    __u64 *value = bpf_map_lookup_elem(&config, &key);
+    return value && *value ? *value : fallback;
+}
+
+// Bytes redirected to the peer that have not reached its write queue yet: the length of its psock backlog,
+// which the kernel does not bound (a slow reader behind the peer makes it grow without limit; the write
+// queue itself is bounded by the peer's sndbuf).  Everything ever queued on the peer is userspace's
+// `written` plus what the backlog delivered, so backlog = redirected + written - (write_seq - seq_base),
+// computed modulo 2^32 like TCP sequence numbers (exact while the backlog is under 2 GiB).
+// 0 when the peer is gone (the redirect then fails anyway).
+static __always_inline __u64 peer_backlog(struct conn *c)
+{
+    __u32 peer_slot = c->peer_slot;
+    struct conn *p = bpf_map_lookup_elem(&conns, &peer_slot);
+    if (!p || p->owner != c->peer)
+        return 0;
+    __u64 peer = c->peer;
+    struct bpf_sock *sk = bpf_map_lookup_elem(&socks, &peer);
+    if (!sk)
+        return 0;
+    __u32 write_seq = 0;
+    struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+    if (tp)
+        write_seq = tp->write_seq;
+    bpf_sk_release(sk);
+    if (!tp)
+        return 0;
+    __u32 in = (__u32)(c->redirected + *(volatile __u64 *)&p->written);
+    __u32 queued = write_seq - (__u32)p->seq_base;
+    __s32 backlog = (__s32)(in - queued);
+    return backlog > 0 ? backlog : 0;
+}
+
 SEC("sk_skb")
 int splice_verdict(struct __sk_buff *skb)
 {
@@ -190,11 +253,21 @@ int splice_verdict(struct __sk_buff *skb)
         // Every byte passed so far has been written to the peer by userspace (it stores `forwarded` only
         // after send() returned), and nothing passed later can exist because this run is the only one for
         // this socket.  So the peer's write queue already ends with the last passed byte, and what we
-        // redirect from now on is queued after it: the order holds.
-        if (*(volatile __u64 *)&c->forwarded == c->passed) {
+        // redirect from now on is queued after it: the order holds.  The backlog condition makes a
+        // throttled connection (below) wait until the peer has caught up.
+        if (*(volatile __u64 *)&c->forwarded == c->passed && peer_backlog(c) <= cfg(CFG_LOW, 1 << 20)) {
             mode = MODE_SPLICED;
             *(volatile __u32 *)&c->mode = MODE_SPLICED;
         }
+    } else if (mode == MODE_SPLICED && peer_backlog(c) > cfg(CFG_HIGH, 4 << 20)) {
+        // Backpressure: the kernel never blocks a redirect, so a slow reader behind the peer would let the
+        // backlog grow without bound.  Pass instead: userspace holds these bytes until the backlog has
+        // drained into the peer (order), they stay charged to this socket's receive buffer, and its TCP
+        // window closes.  MODE_PENDING then splices again once userspace has caught up.
+        mode = MODE_PENDING;
+        *(volatile __u32 *)&c->mode = MODE_PENDING;
+        c->throttles++;
+        bump(STAT_THROTTLED);
     }
     if (mode == MODE_SPLICED) {
         __u64 peer = c->peer;

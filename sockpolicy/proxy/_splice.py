@@ -49,7 +49,11 @@ MODE_PENDING = 1
 MODE_SPLICED = 2
 
 N_SLOTS = 32768  # N_SLOTS in splice.bpf.c
-_STATS = ("enrolled", "no_slot", "enrol_failed", "peer_gone")
+_STATS = ("enrolled", "no_slot", "enrol_failed", "peer_gone", "throttled")
+
+#: Default backlog bounds (bytes queued towards a peer but not yet transmitted by it); see docs/splice.md.
+BACKLOG_HIGH = 4 << 20
+BACKLOG_LOW = 1 << 20
 
 #: Slots of closed sockets wait this long before reuse: longer than any verdict run that might still
 #: hold a pointer to the slot (an RCU read-side section).
@@ -73,10 +77,16 @@ class _Conn(ctypes.Structure):
         ("redirected", ctypes.c_uint64),
         ("skbs", ctypes.c_uint64),
         ("dropped", ctypes.c_uint64),
+        ("written", ctypes.c_uint64),
+        ("seq_base", ctypes.c_uint64),
+        ("peer_slot", ctypes.c_uint32),
+        ("throttles", ctypes.c_uint32),
+        ("pad", ctypes.c_uint64 * 5),
     ]
 
 
-assert ctypes.sizeof(_Conn) == 64
+_WORDS = ctypes.sizeof(_Conn) // 8  # u64 words per slot
+assert ctypes.sizeof(_Conn) == 128
 
 
 class SpliceUnavailable(Exception):
@@ -149,8 +159,8 @@ class SpliceSocket:
         # Bytes queued on the write side before the proxy wrote anything (0, or 1 on some paths where the
         # SYN is counted as acked): the origin of queued_total() for the drain check.
         self.base = queued_total(sock)
-        #: bytes userspace wrote into this socket (the relay adds to it)
-        self.written = 0
+        #: the value of the source's ``redirected`` when everything redirected was last seen queued here
+        self.drained_at = 0
 
     def __repr__(self) -> str:
         return f"<SpliceSocket cookie={self.cookie} slot={self.slot}>"
@@ -181,6 +191,19 @@ class SpliceSocket:
     def dropped(self) -> int:
         return self.conn.dropped
 
+    @property
+    def written(self) -> int:
+        """Bytes userspace wrote into this socket (the relay adds to it; the verdict reads it)."""
+        return self.conn.written
+
+    @written.setter
+    def written(self, value: int) -> None:
+        self.conn.written = value
+
+    @property
+    def throttles(self) -> int:
+        return self.conn.throttles
+
     def set_forwarded(self, count: int) -> None:
         """Tell the verdict that ``count`` bytes passed to us have been written to the peer.
 
@@ -191,13 +214,19 @@ class SpliceSocket:
     def request(self, peer: SpliceSocket) -> None:
         """Ask the verdict to redirect this socket's bytes to ``peer`` once userspace has caught up."""
         conn = self.conn
-        conn.peer = peer.cookie  # before the mode: the verdict reads peer only after seeing PENDING
+        conn.peer = peer.cookie  # before the mode: the verdict reads these only after seeing PENDING
+        conn.peer_slot = peer.slot
         conn.mode = MODE_PENDING
 
     def drained_into(self, source: SpliceSocket | None, sock: trio.socket.SocketType) -> bool:
         """Whether every byte for this socket (ours plus ``source``'s redirected ones) reached its queue."""
-        expected = self.written + (source.redirected if source is not None else 0)
-        return queued_total(sock) - self.base >= expected
+        redirected = source.redirected if source is not None else 0
+        if redirected == self.drained_at:
+            return True  # nothing redirected since the last check: our own writes are in order anyway
+        if queued_total(sock) - self.base >= self.written + redirected:
+            self.drained_at = redirected
+            return True
+        return False
 
     def release(self) -> None:
         """Give the slot back (after the socket was closed).  Idempotent."""
@@ -232,23 +261,32 @@ class Splicer:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, cgroup: str | os.PathLike[str] | None = None) -> Splicer:
+    def open(
+        cls,
+        cgroup: str | os.PathLike[str] | None = None,
+        *,
+        backlog_high: int = BACKLOG_HIGH,
+        backlog_low: int = BACKLOG_LOW,
+    ) -> Splicer:
         """Load the programs, create the cgroup, move this process into it and attach.
 
         :param cgroup: an existing cgroup v2 directory to use instead of a new one; this process is moved
             into it, and every TCP socket of every process in it is enrolled.
+        :param backlog_high: bytes queued towards a peer but not yet sent by it above which the kernel
+            hands a connection back to userspace (which waits for the peer); the memory bound.
+        :param backlog_low: the kernel splices again once the backlog is below this.
         :raises SpliceUnavailable: a feature is missing (or disabled with ``SOCKPOLICY_SPLICE_DISABLE``);
             nothing is left behind.
         """
         self = cls()
         try:
-            self._open(cgroup)
+            self._open(cgroup, backlog_high, backlog_low)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _open(self, cgroup: str | os.PathLike[str] | None) -> None:
+    def _open(self, cgroup: str | os.PathLike[str] | None, high: int, low: int) -> None:
         disabled = _disabled()
         root = _cgroup2_root()
         if "cgroup" in disabled or root is None:
@@ -262,8 +300,10 @@ class Splicer:
         except (_errors.SockpolicyError, OSError) as exc:
             raise SpliceUnavailable("sk_skb", f"cannot load the splice programs: {exc}") from None
         with obj:
-            names = ("socks", "conns", "slot_of", "owners", "stats")
+            names = ("socks", "conns", "slot_of", "owners", "stats", "config")
             self._maps = {name: obj.take_map(name) for name in names}
+            for index, value in enumerate((high, low)):
+                self._maps["config"].update(struct.pack("=I", index), struct.pack("=Q", value))
             verdict = obj.programs["splice_verdict"]
             sockops = obj.programs["splice_sockops"]
             if "mmap" in disabled:
@@ -423,8 +463,8 @@ class Splicer:
         # the happy-eyeballs race, a callback's own HTTP client...): free theirs once closed.
         words = memoryview(self._mmap).cast("Q")
         try:
-            owners = words[0::8].tolist()
-            mode_closed = words[2::8].tolist()
+            owners = words[0::_WORDS].tolist()
+            mode_closed = words[2::_WORDS].tolist()
         finally:
             words.release()
         for slot, (owner, flags) in enumerate(zip(owners, mode_closed, strict=True)):
@@ -447,7 +487,7 @@ class Splicer:
         if self._mmap is not None:
             words = memoryview(self._mmap).cast("Q")
             try:
-                counts["slots"] = sum(1 for owner in words[0::8].tolist() if owner)
+                counts["slots"] = sum(1 for owner in words[0::_WORDS].tolist() if owner)
             finally:
                 words.release()
         counts["claimed"] = len(self._claimed)
