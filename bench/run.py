@@ -156,6 +156,13 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_user_sys_s(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
 def proc_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -817,7 +824,9 @@ def profile_userspace(env: Env, phase: PhaseA, duration: float, say: Callable[[s
                     )
                 )
             time.sleep(0.3)  # tools attached before the load starts
+            ut0, st0 = proc_user_sys_s(cand.proc.pid)
             result = run_client(env, spec)
+            ut1, st1 = proc_user_sys_s(cand.proc.pid)
             for tool in tools:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     tool.wait(timeout=duration + 30)
@@ -826,8 +835,10 @@ def profile_userspace(env: Env, phase: PhaseA, duration: float, say: Callable[[s
             units = result["count"] if load.startswith("rtt") else result["bytes"] / 65536
             entry["unit"] = "request" if load.startswith("rtt") else "64 KiB relayed"
             entry["units"] = units
-            if perf_out.exists():
-                entry["per_unit"] = _parse_perf(perf_out.read_text(), units)
+            entry["per_unit"] = _parse_perf(perf_out.read_text(), units) if perf_out.exists() else {}
+            # user vs kernel split of the proxy's CPU (tick-based, fine over seconds of load)
+            entry["per_unit"]["user_us"] = (ut1 - ut0) * 1e6 / units if units else 0.0
+            entry["per_unit"]["sys_us"] = (st1 - st0) * 1e6 / units if units else 0.0
             if raw_out.exists():
                 entry["top_python"] = _parse_pyspy(raw_out.read_text())
             out.setdefault(name, {})[load] = entry
@@ -884,11 +895,12 @@ def install_trial(root: str, prefixes: int) -> dict[str, Any]:
             Binding("tcp", f"10.{i >> 8}.{i & 255}.0/24", (1, 65535), "bench") for i in range(prefixes)
         ]
         maps_before = _bpf_map_memlock()
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # VmRSS, not ru_maxrss: the import peak would hide anything smaller than itself.
+        rss_before = proc_rss_kib(os.getpid())
         t0 = time.perf_counter()
         d.add_bindings(bindings)
         t_install = time.perf_counter() - t0
-        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_after = proc_rss_kib(os.getpid())
         maps_after = _bpf_map_memlock()
         assert len(d.bindings()) == prefixes
     finally:
@@ -897,7 +909,7 @@ def install_trial(root: str, prefixes: int) -> dict[str, Any]:
         "prefixes": prefixes,
         "open_s": t_open,
         "install_s": t_install,
-        "peak_rss_growth_kib": rss_after - rss_before,
+        "rss_growth_kib": rss_after - rss_before,
         "map_memlock_kib": maps_after / 1024,
         "map_memlock_growth_kib": (maps_after - maps_before) / 1024,
     }
@@ -1061,6 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
         default="shared",
         help="CPU placement: all on CPU 0 (shared), proxy alone on CPU 1 (split), unpinned",
     )
+    parser.add_argument("--profile", type=float, metavar="SECONDS", help="profile phase length (full: 4)")
     parser.add_argument("--no-report", action="store_true", help="only write the JSON")
     parser.add_argument("--install-trial", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -1069,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(install_trial(args.root, args.install_trial)))
         return 0
     settings = PRESETS[args.mode or "full"]
+    if args.profile is not None:
+        settings = dataclasses.replace(settings, profile_duration=args.profile)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_json = args.json or OUT / f"results-{settings.mode}-{stamp}.json"
     with _signals_exit():
