@@ -689,12 +689,6 @@ class Runtime:
 
         try:
             adopted = request_handoff(directory, self.config.label, takeover=self.config.takeover)
-            if adopted is None and self.config.takeover:
-                raise ConfigError(
-                    f"no running serve of label {self.config.label!r} to reload in this network namespace; "
-                    "start one with 'sockpolicy serve'"
-                )
-            return adopted
         except HandoffBusy as busy:
             raise ConfigError(
                 f"label {self.config.label!r} is already being served by another process (pid {busy.pid}); "
@@ -702,6 +696,12 @@ class Runtime:
             ) from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"socket handoff from the running serve failed: {exc}") from None
+        if adopted is None and self.config.takeover:
+            raise ConfigError(
+                f"no running serve of label {self.config.label!r} to reload in this network namespace; "
+                "start one with 'sockpolicy serve'"
+            )
+        return adopted
 
     def _offer(self) -> Any:
         from ._handoff import Offer
