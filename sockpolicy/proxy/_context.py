@@ -114,7 +114,7 @@ class ServeStats:
 
     def upstream_failed(self, exc: BaseException) -> None:
         """Count a failed upstream connect (refused, timed out, other error)."""
-        if isinstance(exc, ConnectionRefusedError):
+        if _caused_by(exc, ConnectionRefusedError):
             reason = "refused"
         elif isinstance(exc, TimeoutError) or type(exc).__name__ == "TooSlowError":
             reason = "timeout"
@@ -166,6 +166,18 @@ class ServeStats:
         return count
 
 
+def _caused_by(exc: BaseException | None, kind: type[BaseException], depth: int = 0) -> bool:
+    """Whether ``exc`` is, or was caused by, a ``kind`` (trio's open_tcp_stream wraps the real errors
+    of its attempts in a plain OSError caused by an exception group)."""
+    if exc is None or depth > 5:
+        return False
+    if isinstance(exc, kind):
+        return True
+    if isinstance(exc, BaseExceptionGroup) and any(_caused_by(e, kind, depth + 1) for e in exc.exceptions):
+        return True
+    return _caused_by(exc.__cause__ or exc.__context__, kind, depth + 1)
+
+
 def _conn_fields(live: LiveConnection, now: float) -> dict[str, Any]:
     conn = live.conn
     fields: dict[str, Any] = {
@@ -203,6 +215,8 @@ class Context:
     udp_flow_timeout: float
     max_message_size: int
     stats: ServeStats
+    #: the kernel splicing engine (a ``sockpolicy.proxy.Splicer``), or None: everything in userspace
+    splicer: Any = None
 
     def upstream_for(self, original_dst: tuple[str, int]) -> tuple[str, int] | None:
         """The configured upstream for a connection (``None``: the built-in echo service)."""
