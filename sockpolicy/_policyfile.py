@@ -358,6 +358,7 @@ def compile_rules(rules: list[ConnectionRule]) -> Policy:
         assert rule.to is not None
         return Redirect(rule.to)
 
+    toml_rules.__sockpolicy_name__ = "toml_rules"  # type: ignore[attr-defined]  # metrics label
     policy.on_connect()(toml_rules)
     return policy
 
