@@ -1,16 +1,12 @@
 """``serve --user NAME``: drop root after setup, keeping only the capabilities still needed.
 
-After setup ``serve`` needs **no** capability (measured on kernel 6.18, see docs/security.md):
-
-- the proxy only accepts, reads, writes and connects on sockets it already has;
-- removing its bindings at exit writes BPF maps through fds opened during setup, and since Linux 6.5 map
-  operations on an fd need no capability (``kernel.unprivileged_bpf_disabled`` only gates creating maps
-  and loading programs);
-- the metrics endpoint and the handoff socket are bound before the drop.
-
-What it can no longer do: remove pinned files in the root-only bpffs directory, so a dispatcher it
-loaded stays loaded (empty) at exit (``sockpolicy unload`` removes it), and read a policy file only
-root may read on SIGHUP (the reload fails and the old policy stays).
+After setup ``serve`` needs **no** capability (measured on kernel 6.18, see docs/security.md): the proxy
+only accepts, reads, writes and connects on sockets it already has; the metrics endpoint and the handoff
+socket are bound before the drop.  BPF map operations through fds opened before the drop would still work
+(since Linux 6.5 they need no capability), but the dispatcher's writer lock stats the root-only state
+directory, so an unprivileged ``serve`` does not change the pinned state at exit: it leaves its bindings
+(their connections are refused until the next ``serve`` of the label takes them over) and cannot handle a
+policy file only root may read on SIGHUP (the reload fails and the old policy stays).
 
 :func:`drop_privileges` can still keep capabilities (``keep``) for embedders that need them; it uses
 ``prctl(PR_SET_KEEPCAPS)`` and ``capset(2)`` through ctypes.

@@ -397,7 +397,7 @@ class Steering:
         self.added: list[Any] = []
         self.stopped = False
         self.handed_off = False
-        #: False after a privilege drop: removing pinned files in bpffs needs root (docs/security.md).
+        #: False after a privilege drop: changing the pinned state needs root (docs/security.md).
         self.can_unload = True
 
     def added_json(self) -> list[dict[str, str]]:
@@ -417,6 +417,13 @@ class Steering:
         self.stopped = True
         if self.handed_off:
             log.info("bindings and sockets handed over to the successor; leaving them in place")
+            return
+        if not self.can_unload:
+            # Changing the dispatcher takes its lock, which stats the root-only state directory: not
+            # possible without privileges.  Leaving the bindings is the safe side: with no socket behind
+            # the label the kernel refuses their connections, and the next serve of the label takes them
+            # over (state file); 'sockpolicy unbind' / 'unload' remove them.
+            log.info("privileges dropped: leaving the bindings in place (refused until the next serve)")
             return
         for binding in reversed(self.added):
             try:
