@@ -451,42 +451,67 @@ def profile_section(results: dict[str, Any]) -> list[str]:
         "",
         "## Profiles",
         "",
-        "Counted on the proxy process while the load generator ran: syscalls (perf tracepoints "
-        "`syscalls:sys_enter_*`), context switches and CPU time (perf `task-clock`) per request (64 B RTT) "
-        "or per 64 KiB relayed (1-stream bulk), and the functions with the most self time in py-spy "
-        "samples (`--nonblocking`, 200 Hz).",
+        "Measured while the load generator ran a 64 B RTT load (per request) or a 1-stream bulk load (per "
+        "64 KiB moved). The proxy process: CPU (perf `task-clock`) with its user/kernel split, context "
+        "switches, syscalls by name (perf tracepoints `syscalls:sys_enter_*`). The whole machine: busy CPU "
+        "(`/proc/stat`: client, server, proxy, kworkers, softirqs, and anything else running), workqueue "
+        "items run by kworkers (`workqueue:workqueue_execute_start`) and context switches "
+        "(`sched:sched_switch`).",
         "",
     ]
     rows = []
     for name, loads in prof.items():
         for load, e in loads.items():
             per = e.get("per_unit", {})
-            sysc = ", ".join(
-                f"{k} {v:.2f}"
-                for k, v in sorted(per.items(), key=lambda kv: -kv[1])
-                if k not in _NOT_SYSCALLS
-            )
+            sysw = e.get("system_per_unit", {})
+            proc = name != "direct"
             rows.append(
                 [
                     f"`{name}`",
                     load,
                     e["unit"],
-                    f"{per.get('cpu_us', 0):.1f}",
-                    f"{per.get('user_us', 0):.1f}",
-                    f"{per.get('sys_us', 0):.1f}",
-                    f"{per.get('context-switches', 0):.2f}",
-                    sysc or "n/a",
+                    f"{per.get('cpu_us', 0):.1f}" if proc else "-",
+                    f"{per.get('user_us', 0):.1f} / {per.get('sys_us', 0):.1f}" if proc else "-",
+                    f"{per.get('context-switches', 0):.2f}" if proc else "-",
+                    (_sysc(per) or "none") if proc else "-",
+                    f"{sysw.get('machine_cpu_us', 0):.1f}",
+                    f"{sysw.get('workqueue_execute_start', 0):.2f}",
+                    f"{sysw.get('sched_switch', 0):.2f}",
                 ]
             )
     L += table(
-        ["proxy", "load", "per", "CPU µs", "user µs", "kernel µs", "context switches", "syscalls"], rows
-    )
+        ["path", "load", "per", "proxy CPU µs", "user / kernel µs", "proxy ctx switches", "proxy syscalls",
+         "machine CPU µs", "kworker items", "machine ctx switches"],
+        rows,
+    )  # fmt: skip
+    for name, loads in prof.items():
+        for load, e in loads.items():
+            if e.get("kernel_top"):
+                threads = ", ".join(f"{c} {p:.0f}%" for c, p in e.get("by_thread", []))
+                L += [
+                    "",
+                    f"perf record -a (cpu-clock), `{name}` under `{load}`: busy samples by thread: "
+                    f"{threads}. Hottest symbols (% of busy samples):",
+                    "",
+                ]
+                L += table(["symbol", "%"], [[f"`{sym}`", f"{pct:.1f}"] for sym, pct in e["kernel_top"][:8]])
     for name, loads in prof.items():
         for load, e in loads.items():
             top = e.get("top_python")
             if top:
                 L += ["", f"py-spy, `{name}` under `{load}` (self time, % of samples):", ""]
                 L += table(["function", "%"], [[f"`{f}`", f"{pct:.1f}"] for f, pct in top[:8]])
+    counters = results.get("splice_counters")
+    if counters and counters.get("splice"):
+        sp = counters["splice"]
+        L += [
+            "",
+            f"Spliced candidate's counters at the end of the data-path measurements: {sp.get('spliced', 0)} "
+            f"connections spliced, {sp.get('fallbacks', 0)} fell back to userspace; "
+            f"{sp.get('bytes_spliced', 0) / 1e9:.2f} GB moved by the kernel and "
+            f"{counters.get('bytes_from_client', 0) / 1e9:.2f} GB (client to upstream) relayed by the proxy "
+            "process.",
+        ]
     return L
 
 
@@ -508,9 +533,16 @@ def bounds_section(results: dict[str, Any]) -> list[str]:
             by_reason.setdefault(t["status"], []).append(t["what"])
     for status, whats in by_reason.items():
         L.append(f"- **{'; '.join(whats)}**: {status}.")
+    explained: set[tuple[str, str]] = set()
     for t in missed:
         if t["status"].startswith("not available"):
             continue
+        topic = (str(t.get("a")), str(t.get("key", "")).split("_")[0])
+        if topic in explained:
+            med = statistics.median(t["values"])
+            L.append(f"- **{t['what']}**: {med:.2f}{t['unit']} against {t['op']} {t['limit']}; as above.")
+            continue
+        explained.add(topic)
         med = statistics.median(t["values"])
         text = f"- **{t['what']}**: {med:.2f}{t['unit']} against {t['op']} {t['limit']}. "
         a, key = t.get("a"), t.get("key", "")
@@ -555,10 +587,14 @@ def bounds_section(results: dict[str, Any]) -> list[str]:
                     )
             else:
                 text += (
-                    "Bulk is bound by kernel work: the two copies (socket to userspace and back) and "
-                    "loopback TCP delivery dominate the kernel µs column; each userspace proxy pays them, "
-                    "and the Python part per 64 KiB chunk is the difference."
+                    f"Kernel time per 64 KiB (two copies through userspace, loopback TCP delivery) is "
+                    f"{mine.get('sys_us', 0):.1f} µs for sockpolicy and {tc.get('sys_us', 0):.1f} µs for the "
+                    f"trio loop; the difference is userspace: {mine.get('user_us', 0):.1f} µs against "
+                    f"{tc.get('user_us', 0):.1f} µs (trio loop) and {ha.get('user_us', 0):.1f} µs (HAProxy, "
+                    "whose default 16 KiB buffers cost it more syscalls and kernel time instead)."
                 )
+        elif a == "sp-spliced" and prof.get("sp-spliced"):
+            text += _spliced_bounds(results, key, prof)
         elif key == "rate":
             text += (
                 "The plain listener also pays one run of the SK_LOOKUP program (no binding matched); "
@@ -566,6 +602,52 @@ def bounds_section(results: dict[str, Any]) -> list[str]:
             )
         L.append(text)
     return L
+
+
+def _spliced_bounds(results: dict[str, Any], key: str, prof: dict[str, Any]) -> str:
+    load = "rtt_64" if key.startswith("rtt") else "bulk_1"
+    mine = prof["sp-spliced"].get(load, {})
+    base = prof.get("direct", {}).get(load, {})
+    ha = prof.get("haproxy", {}).get(load, {})
+    sysm, sysd, sysh = (x.get("system_per_unit", {}) for x in (mine, base, ha))
+    per = mine.get("per_unit", {})
+    unit = mine.get("unit", "request")
+    wq = sysm.get("workqueue_execute_start", 0.0)
+    text = (
+        f"Per {unit} the machine spends {sysm.get('machine_cpu_us', 0):.1f} µs of CPU on the spliced path "
+        f"(direct {sysd.get('machine_cpu_us', 0):.1f}, HAProxy {sysh.get('machine_cpu_us', 0):.1f}) with "
+        f"{sysm.get('sched_switch', 0):.1f} context switches (direct {sysd.get('sched_switch', 0):.1f}) and "
+        f"{wq:.2f} workqueue items. "
+    )
+    threads = dict(mine.get("by_thread", []))
+    if wq >= 0.5:
+        text += (
+            "An SK_SKB verdict that redirects to the egress of another socket does not transmit in place: "
+            "the kernel queues the skb on the target's psock and a kworker sends it (`sk_psock_backlog`), so "
+            "each direction of a spliced round trip costs a kworker wakeup and two context switches, the "
+            "same kind of hop a userspace proxy costs"
+            + (
+                f" (kworkers hold {threads['kworker']:.0f}% of the busy samples)"
+                if "kworker" in threads
+                else ""
+            )
+            + ". "
+        )
+    if unit != "request" and wq < 0.05 and _nsys(per) >= 1.5:
+        text += (
+            f"Under bulk load the proxy process itself made {_nsys(per):.1f} syscalls ({_sysc(per)}) per "
+            "64 KiB and almost no workqueue item ran: the connection was relayed in userspace, not spliced "
+            "(the redirect backlog passed its high mark, which hands the connection back to userspace; see "
+            "the spliced candidate's counters under Profiles)."
+        )
+    if unit == "request" and per.get("context-switches", 1.0) < 0.1 and _nsys(per) >= 1.0:
+        text += (
+            f"The proxy process did not sleep while its connection was spliced: {_nsys(per):.1f} syscalls "
+            f"({_sysc(per)}) and {per.get('cpu_us', 0):.1f} µs of CPU per request with "
+            f"{per.get('context-switches', 0):.2f} context switches, i.e. it polls a socket whose bytes the "
+            "kernel redirects, and on a shared CPU that time is taken from the client and server."
+        )
+    return text
 
 
 def _nsys(per: dict[str, float]) -> float:

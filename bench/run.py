@@ -30,7 +30,6 @@ import ctypes
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ PY = sys.executable
 HOST = "127.0.0.1"
 CLONE_NEWNET = 0x40000000
 BPFFS = Path("/sys/fs/bpf")
+CGROUP_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 
 # Port plan inside the namespace.  Everything sits below the ephemeral range (32768-60999) so that no
 # client or proxy source port collides with a listener, and the steered ranges are distinct from every
@@ -107,7 +107,7 @@ PRESETS = {
     # a few seconds per measurement: for development
     "quick": Settings("quick", 2, 1.0, 1.0, 1.0, 2000, 1, (1, 100, 1000), 2, (1000, 100), 1.0, 1, 0.0),
     # the smoke test: every code path once, tiny sizes
-    "smoke": Settings("smoke", 1, 0.15, 0.15, 0.15, 20, 1, (1, 10), 1, (10, 10), 0.15, 1, 0.0),
+    "smoke": Settings("smoke", 1, 0.1, 0.1, 0.1, 20, 1, (1, 10), 1, (10, 10), 0.1, 1, 0.0),
 }
 
 
@@ -326,6 +326,10 @@ class Env:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+        # A spliced proxy killed before its Splicer closed leaves its (now empty) cgroup behind.
+        for cg in CGROUP_ROOTS:
+            with contextlib.suppress(OSError):
+                (cg / f"sockpolicy-splice-{proc.pid}").rmdir()
 
     def cleanup(self) -> None:
         if self._cleaned:
@@ -360,28 +364,18 @@ def _raise_exit(signum: int, _frame: object) -> None:
 # the spliced path: is it there yet?
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+PROBE_ROUNDS = 8
+PROBE_SIZE = 65536
 
 
-def probe_splice(server_port: int) -> dict[str, Any]:
-    """Serve one connection with ``Pass(splice=True)`` and check that the kernel, not Python, moved it.
+def probe_splice(proc: subprocess.Popen, port: int) -> dict[str, Any]:
+    """Check that ``Pass(splice=True)`` really hands connections to the kernel, through the running
+    spliced candidate: after a short pause (the splice is set up after on_connect) echo 8 x 64 KiB through
+    it, then ask the process for its counters (SIGUSR1 -> one JSON line).
 
-    Unavailable when: the policy API refuses it, bytes are lost, the proxy logs that splice is ignored,
-    or the proxy's own byte counters show that the payload crossed userspace.
+    Unavailable when bytes come back wrong, no connection was spliced, or most of the payload was still
+    relayed by Python; the reason quotes what the proxy logged about splicing.
     """
-    import trio
-
-    sys.path.insert(0, str(BENCH))
-    from spproxy import make_policy
-
-    from sockpolicy.proxy import serve
-
     where = "sockpolicy/proxy/_splice.py"
     history = subprocess.run(
         ["git", "-C", str(REPO), "log", "--oneline", "-1", "--", where],
@@ -389,65 +383,52 @@ def probe_splice(server_port: int) -> dict[str, Any]:
         text=True,
         timeout=10,
     ).stdout.strip()
-    exists = importlib.util.find_spec("sockpolicy.proxy._splice") is not None
-    file_note = (
-        f"{where}: "
-        + (f"last commit {history}" if history else "no commit yet")
-        + ("" if exists else ", module not importable")
-    )
-    payload = os.urandom(65536)
-    capture = _Capture()
-    proxy_log = logging.getLogger("sockpolicy.proxy")
-    old_level = proxy_log.level
-    proxy_log.setLevel(logging.DEBUG)
-    proxy_log.addHandler(capture)
-
-    def client(port: int) -> bytes:
-        with socket.create_connection((HOST, port), timeout=5) as sock:
-            sock.sendall(b"E" + payload)
-            got = bytearray()
-            while len(got) < len(payload):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-            return bytes(got)
-
-    async def main() -> dict[str, Any]:
-        lsock = listener(0)
-        try:
-            with trio.fail_after(15):
-                async with trio.open_nursery() as nursery:
-                    handle = await nursery.start(
-                        functools.partial(
-                            serve, make_policy("spliced"), tcp_sockets=[lsock], upstream=(HOST, server_port)
-                        )
-                    )
-                    echoed = await trio.to_thread.run_sync(client, lsock.getsockname()[1])
-                    await trio.sleep(0.1)
-                    stats = handle.stats
-                    nursery.cancel_scope.cancel()
-        finally:
-            lsock.close()
-        return {"echoed_ok": echoed == payload, "userspace_bytes": stats.bytes_from_client}
-
+    file_note = f"{where}: " + (f"last commit {history}" if history else "no commit yet")
+    payload = os.urandom(PROBE_SIZE)
+    echoed_ok = True
     try:
-        outcome = trio.run(main)
-    except Exception as exc:
-        return {"available": False, "reason": f"probe failed: {type(exc).__name__}: {exc} ({file_note})"}
-    finally:
-        proxy_log.removeHandler(capture)
-        proxy_log.setLevel(old_level)
-    ignored = [m for m in capture.messages if "splice" in m and "ignored" in m]
-    if not outcome["echoed_ok"]:
-        reason = "Pass(splice=True) corrupted or lost bytes in the probe"
-    elif ignored:
-        reason = f"Pass(splice=True) is ignored by the proxy (it logs: {ignored[0].split(': ', 1)[-1]!r})"
-    elif outcome["userspace_bytes"] >= len(payload):
-        reason = f"the probe's {outcome['userspace_bytes']} bytes were relayed in userspace, not spliced"
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            sock.sendall(b"E")
+            time.sleep(0.05)
+            reply = memoryview(bytearray(PROBE_SIZE))
+            for _ in range(PROBE_ROUNDS):
+                sock.sendall(payload)
+                got = 0
+                while got < PROBE_SIZE:
+                    n = sock.recv_into(reply[got:])
+                    if not n:
+                        raise ConnectionError(f"EOF after {got} bytes")
+                    got += n
+                echoed_ok = echoed_ok and bytes(reply) == payload
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGUSR1)
+            line = _read_line(proc, 10)
+    except (OSError, TimeoutError, RuntimeError) as exc:
+        return {"available": False, "reason": f"probe failed: {type(exc).__name__}: {exc}; {file_note}"}
+    stats = json.loads(line)
+    notes = "; ".join(dict.fromkeys(stats.get("notes", [])))
+    spliced = stats.get("splice", {}).get("spliced", 0)
+    total = PROBE_ROUNDS * PROBE_SIZE
+    if not echoed_ok:
+        reason = "Pass(splice=True) corrupted bytes in the probe"
+    elif not spliced:
+        reason = "no probe connection was spliced" + (f" (the proxy logs: {notes})" if notes else "")
+    elif stats["bytes_from_client"] > total // 2:
+        reason = f"{stats['bytes_from_client']} of {total} probe bytes were relayed in userspace"
     else:
-        return {"available": True, "reason": "", "probe": outcome, "file": file_note}
-    return {"available": False, "reason": f"{reason}; {file_note}", "probe": outcome}
+        return {"available": True, "reason": "", "probe": stats, "file": file_note}
+    return {"available": False, "reason": f"{reason}; {file_note}", "probe": stats}
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"no answer from {proc.args[:3]} within {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{proc.args[:3]} exited")
+    return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,34 +512,27 @@ class PhaseA:
         wait_line(proc, "ready", 20)
         self.candidates["trio-copy"] = Candidate("trio-copy", COPY_PORT, proc)
 
-        splice = probe_splice(SERVER_PORT)
+        splice: dict[str, Any] = {}
         for mode, bind_port, steer in (
             ("userspace", SP_USER_BIND, STEER_USER),
             ("spliced", SP_SPLICE_BIND, STEER_SPLICE),
         ):
             name = f"sp-{mode}"
-            if mode == "spliced" and not splice["available"]:
-                self.candidates[name] = Candidate(name, steer[0], available=False, reason=splice["reason"])
-                continue
-            sock = listener(bind_port)
-            self.sockets.append(sock)
-            dispatcher.register_socket(mode, sock)
-            proc = env.spawn(
-                [
-                    PY,
-                    str(BENCH / "spproxy.py"),
-                    "--fd",
-                    str(sock.fileno()),
-                    "--mode",
-                    mode,
-                    "--upstream",
-                    f"{HOST}:{SERVER_PORT}",
-                ],
-                "proxy",
-                pass_fds=(sock.fileno(),),
-            )
+            # The proxy makes and registers its own listener: with splicing, only sockets created
+            # after the Splicer moved the process into its cgroup are enrolled.
+            argv = [PY, str(BENCH / "spproxy.py"), "--mode", mode, "--bind", str(bind_port)]
+            argv += ["--bpffs-root", str(dispatcher.path.parent), "--label", mode]
+            argv += ["--upstream", f"{HOST}:{SERVER_PORT}"]
+            proc = env.spawn(argv, "proxy")
             wait_line(proc, "ready", 30)
             self.candidates[name] = Candidate(name, steer[0], proc)
+            if mode == "spliced":
+                splice = probe_splice(proc, steer[0])
+                if not splice["available"]:
+                    env.stop(proc)
+                    self.candidates[name] = Candidate(
+                        name, steer[0], available=False, reason=splice["reason"]
+                    )
         # Every candidate must answer before anything is measured.
         for cand in self.candidates.values():
             if cand.available:
@@ -726,8 +700,15 @@ def run_phase_a(env: Env, settings: Settings, results: dict[str, Any], say: Call
             for name in idle_names:
                 data["idle"][name].append(phase.idle(phase.candidates[name]))
             say(f"idle round {rnd + 1}/{settings.idle_rounds}: " + _brief("idle", data["idle"]))
+        spliced = phase.candidates.get("sp-spliced")
+        if spliced is not None and spliced.available and spliced.proc is not None:
+            # How much of everything the spliced candidate carried the kernel moved, and how much Python did.
+            with contextlib.suppress(OSError, TimeoutError, RuntimeError, ValueError):
+                time.sleep(0.5)  # bytes_spliced is summed when connections close
+                spliced.proc.send_signal(signal.SIGUSR1)
+                results["splice_counters"] = json.loads(_read_line(spliced.proc, 10))
         if settings.profile_duration > 0:
-            results["profile"] = profile_userspace(env, phase, settings.profile_duration, say)
+            results["profile"] = profile_paths(env, phase, settings.profile_duration, say)
     finally:
         phase.stop()
 
@@ -756,94 +737,139 @@ SYSCALLS = (
 )
 
 
-def profile_userspace(env: Env, phase: PhaseA, duration: float, say: Callable[[str], None]) -> dict[str, Any]:
-    """Syscalls and context switches per request (perf tracepoints) and py-spy's hottest functions, for the
-    proxies under a 64-byte RTT load and a 1-stream bulk load."""
+SYSTEM_EVENTS = ("workqueue:workqueue_execute_start", "sched:sched_switch", "sched:sched_wakeup")
+KERNEL_PROFILED = ("direct", "haproxy", "sp-spliced")
+
+
+def _find_pyspy() -> str | None:
+    local = Path(PY).parent / "py-spy"
+    return shutil.which("py-spy") or (str(local) if local.exists() else None)
+
+
+def profile_paths(env: Env, phase: PhaseA, duration: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """What each path costs per request (64 B RTT) and per 64 KiB (1-stream bulk), and where it goes.
+
+    * the proxy process: syscalls by name (perf tracepoints), context switches, CPU (perf task-clock) and
+      its user/kernel split; py-spy's hottest functions for the Python proxies;
+    * the whole machine: busy CPU (/proc/stat), workqueue items run (kworkers), context switches and
+      wakeups (perf -a tracepoints);
+    * for direct, HAProxy and the spliced path: the hottest kernel symbols and which threads ran them
+      (perf record -a, cpu-clock sampling: hardware counters are not available in this VM).
+    """
     out: dict[str, Any] = {}
     perf = shutil.which("perf")
-    pyspy = shutil.which("py-spy") or (
-        str(Path(PY).parent / "py-spy") if (Path(PY).parent / "py-spy").exists() else None
-    )
-    for name in ("sp-userspace", "trio-copy", "haproxy"):
+    pyspy = _find_pyspy()
+    for name in ("sp-userspace", "sp-spliced", "trio-copy", "haproxy", "direct"):
         cand = phase.candidates.get(name)
-        if cand is None or not cand.available or cand.proc is None:
+        if cand is None or not cand.available:
             continue
         for load, spec in (
             ("rtt_64", {"mode": "rtt", "host": HOST, "port": cand.port, "size": 64, "duration": duration}),
             ("bulk_1", {"mode": "bulk", "host": HOST, "port": cand.port, "streams": 1, "duration": duration}),
         ):
-            entry: dict[str, Any] = {}
-            tools: list[subprocess.Popen] = []
-            perf_out = env.tmp / f"perf-{name}-{load}.txt"
-            raw_out = env.tmp / f"pyspy-{name}-{load}.txt"
-            if perf:
-                events = [f"syscalls:sys_enter_{s}" for s in SYSCALLS] + ["context-switches", "task-clock"]
-                tools.append(
-                    env.spawn(
-                        [
-                            perf,
-                            "stat",
-                            "-x",
-                            ",",
-                            "-o",
-                            str(perf_out),
-                            "-e",
-                            ",".join(events),
-                            "-p",
-                            str(cand.proc.pid),
-                            "--",
-                            "sleep",
-                            str(duration + 1.0),
-                        ],
-                        "server",
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
-            if pyspy and name != "haproxy":
-                tools.append(
-                    env.spawn(
-                        [
-                            pyspy,
-                            "record",
-                            "--format",
-                            "raw",
-                            "--nonblocking",
-                            "-r",
-                            "200",
-                            "-d",
-                            str(int(duration + 1)),
-                            "-p",
-                            str(cand.proc.pid),
-                            "-o",
-                            str(raw_out),
-                        ],
-                        "server",
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
-            time.sleep(0.3)  # tools attached before the load starts
-            ut0, st0 = proc_user_sys_s(cand.proc.pid)
-            result = run_client(env, spec)
-            ut1, st1 = proc_user_sys_s(cand.proc.pid)
-            for tool in tools:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    tool.wait(timeout=duration + 30)
-                env.stop(tool)
-                env.procs.remove(tool)
-            units = result["count"] if load.startswith("rtt") else result["bytes"] / 65536
-            entry["unit"] = "request" if load.startswith("rtt") else "64 KiB relayed"
-            entry["units"] = units
-            entry["per_unit"] = _parse_perf(perf_out.read_text(), units) if perf_out.exists() else {}
-            # user vs kernel split of the proxy's CPU (tick-based, fine over seconds of load)
-            entry["per_unit"]["user_us"] = (ut1 - ut0) * 1e6 / units if units else 0.0
-            entry["per_unit"]["sys_us"] = (st1 - st0) * 1e6 / units if units else 0.0
-            if raw_out.exists():
-                entry["top_python"] = _parse_pyspy(raw_out.read_text())
+            entry = _profile_one(env, cand, name, load, spec, duration, perf, pyspy)
             out.setdefault(name, {})[load] = entry
-            say(f"profile {name} {load}: {entry.get('per_unit', {})}")
+            say(f"profile {name} {load}: " + ", ".join(f"{k}={v:.1f}" for k, v in entry["per_unit"].items()))
     return out
+
+
+def _profile_one(
+    env: Env,
+    cand: Candidate,
+    name: str,
+    load: str,
+    spec: dict[str, Any],
+    duration: float,
+    perf: str | None,
+    pyspy: str | None,
+) -> dict[str, Any]:
+    tools: list[subprocess.Popen] = []
+    span = str(duration + 1.0)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    files = {k: env.tmp / f"{k}-{name}-{load}" for k in ("perf", "system", "record", "pyspy")}
+    pid = cand.proc.pid if cand.proc is not None else None
+    if perf and pid is not None:
+        events = [f"syscalls:sys_enter_{s}" for s in SYSCALLS] + ["context-switches", "task-clock"]
+        argv = [perf, "stat", "-x", ",", "-o", str(files["perf"]), "-e", ",".join(events), "-p", str(pid)]
+        tools.append(env.spawn([*argv, "--", "sleep", span], "server", **quiet))
+    if perf:
+        argv = [perf, "stat", "-a", "-x", ",", "-o", str(files["system"]), "-e", ",".join(SYSTEM_EVENTS)]
+        tools.append(env.spawn([*argv, "--", "sleep", span], "server", **quiet))
+    if perf and name in KERNEL_PROFILED:
+        argv = [perf, "record", "-q", "-a", "-e", "cpu-clock", "-F", "1999", "-o", str(files["record"])]
+        tools.append(env.spawn([*argv, "--", "sleep", span], "server", **quiet))
+    if pyspy and pid is not None and name != "haproxy":
+        argv = [
+            pyspy,
+            "record",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-r",
+            "200",
+            "-d",
+            str(int(duration + 1)),
+        ]
+        tools.append(env.spawn([*argv, "-p", str(pid), "-o", str(files["pyspy"])], "server", **quiet))
+    time.sleep(0.4)  # tools attached before the load starts
+    ut0, st0 = proc_user_sys_s(pid) if pid else (0.0, 0.0)
+    busy0 = system_busy_s()
+    result = run_client(env, spec)
+    busy1 = system_busy_s()
+    ut1, st1 = proc_user_sys_s(pid) if pid else (0.0, 0.0)
+    for tool in tools:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            tool.wait(timeout=duration + 30)
+        env.stop(tool)
+        env.procs.remove(tool)
+    units = result["count"] if load.startswith("rtt") else result["bytes"] / 65536
+    entry: dict[str, Any] = {
+        "unit": "request" if load.startswith("rtt") else "64 KiB relayed",
+        "units": units,
+    }
+    per = _parse_perf(files["perf"].read_text(), units) if files["perf"].exists() else {}
+    if pid is not None:
+        # user vs kernel split of the proxy's CPU (tick-based, fine over seconds of load)
+        per["user_us"] = (ut1 - ut0) * 1e6 / units
+        per["sys_us"] = (st1 - st0) * 1e6 / units
+    entry["per_unit"] = per
+    system = _parse_perf(files["system"].read_text(), units) if files["system"].exists() else {}
+    system["machine_cpu_us"] = (busy1 - busy0) * 1e6 / units
+    entry["system_per_unit"] = system
+    if files["record"].exists():
+        entry["kernel_top"], entry["by_thread"] = _perf_report(perf, files["record"])
+    if files["pyspy"].exists():
+        entry["top_python"] = _parse_pyspy(files["pyspy"].read_text())
+    return entry
+
+
+def _perf_report(perf: str | None, data: Path, top: int = 10) -> tuple[list[tuple[str, float]], list]:
+    """Top symbols (% of all samples, idle excluded) and the share of each kind of thread."""
+    if perf is None:
+        return [], []
+    text = subprocess.run(
+        [perf, "report", "-i", str(data), "--stdio", "--sort", "comm,sym", "--percent-limit", "0.3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    syms: dict[str, float] = {}
+    comms: dict[str, float] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or not parts[0].endswith("%") or parts[0] == "%":
+            continue
+        pct, comm, sym = float(parts[0][:-1]), parts[1], " ".join(parts[3:])
+        if "halt" in sym or "idle" in sym or comm == "swapper":
+            continue  # an idle CPU, not work
+        # kworker/0:1H-events -> kworker; python3.11 -> python; the rest as they are
+        kind = "kworker" if comm.startswith("kworker") else ("python" if comm.startswith("python") else comm)
+        comms[kind] = comms.get(kind, 0.0) + pct
+        syms[sym] = syms.get(sym, 0.0) + pct
+    busy = sum(comms.values()) or 1.0
+    ranked = sorted(syms.items(), key=lambda kv: -kv[1])[:top]
+    threads = sorted(comms.items(), key=lambda kv: -kv[1])[:6]
+    return [(s, 100 * p / busy) for s, p in ranked], [(c, 100 * p / busy) for c, p in threads]
 
 
 def _parse_perf(text: str, units: float) -> dict[str, float]:
@@ -852,7 +878,7 @@ def _parse_perf(text: str, units: float) -> dict[str, float]:
         parts = line.split(",")
         if len(parts) < 3 or not parts[0].replace(".", "", 1).isdigit():
             continue
-        event = parts[2].replace("syscalls:sys_enter_", "")
+        event = parts[2].replace("syscalls:sys_enter_", "").split(":")[-1]
         value = float(parts[0])
         if event == "task-clock":  # msec of CPU in the proxy
             per["cpu_us"] = value * 1e3 / units if units else 0.0
