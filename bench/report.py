@@ -202,7 +202,12 @@ def machine_section(results: dict[str, Any]) -> list[str]:
         f"- **Machine**: {m['cpu_model']}, {m['cpus']} CPUs, {m['mem_gib']} GiB; {m['os']}; "
         f"kernel {m['kernel']}",
         f"- **Software**: Python {m['python']}, trio {m['trio']}, {m['haproxy']}; "
-        f"sockpolicy at `{m['commit']}`",
+        f"sockpolicy at `{m['commit']}`"
+        + (
+            f" plus uncommitted changes to {', '.join(f'`{f}`' for f in m['dirty'])}"
+            if m.get("dirty")
+            else ""
+        ),
         f"- **CPU placement**: {placement}",
         f"- **Durations**: RTT {s['rtt_duration']} s, bulk {s['bulk_duration']} s, connection rate "
         f"{s['rate_duration']} s per candidate per round; idle test {s['idle_conns']} connections, "

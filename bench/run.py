@@ -225,6 +225,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def dirty_sources() -> list[str]:
+    """sockpolicy/ files that differ from the commit: the run measures the working tree."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "sockpolicy"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line[3:] for line in out.splitlines() if line[3:].endswith((".py", ".c", ".h"))]
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -250,6 +264,7 @@ def machine() -> dict[str, Any]:
         "haproxy": haproxy,
         "loadavg_start": os.getloadavg(),
         "commit": git_commit(),
+        "dirty": dirty_sources(),
     }
 
 
