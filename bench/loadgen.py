@@ -125,7 +125,9 @@ def bulk(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("a bulk stream did not finish")
     bad = [r for r in results if r["sent"] != r["received"]]
     if bad:
-        raise RuntimeError(f"bytes lost: sent {bad[0]['sent']}, server counted {bad[0]['received']}")
+        raise RuntimeError(
+            f"bytes lost or duplicated: sent {bad[0]['sent']}, server counted {bad[0]['received']}"
+        )
     total = sum(r["sent"] for r in results)
     seconds = (max(r["t1"] for r in results) - min(r["t0"] for r in results)) / 1e9
     return {"bytes": total, "seconds": seconds, "gbit_s": total * 8 / seconds / 1e9}

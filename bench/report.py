@@ -49,8 +49,14 @@ def fmt(values: Sequence[float], digits: int = 1, unit: str = "") -> str:
 def series(
     results: dict[str, Any], key: str, name: str, get: Callable[[dict[str, Any]], float]
 ) -> list[float]:
+    """The values of the rounds that succeeded (failed rounds are listed under Errors)."""
     runs = results.get("data", {}).get(key, {}).get(name, [])
-    return [get(r) for r in runs]
+    return [get(r) for r in runs if "error" not in r]
+
+
+def failures(results: dict[str, Any], key: str, name: str) -> list[str]:
+    runs = results.get("data", {}).get(key, {}).get(name, [])
+    return [r["error"] for r in runs if "error" in r]
 
 
 def unavailable(results: dict[str, Any], name: str) -> str | None:
@@ -66,14 +72,16 @@ def cell(
     why = unavailable(results, name)
     if why is not None:
         return "not available"
-    return fmt(series(results, key, name, get), digits)
+    failed = failures(results, key, name)
+    return fmt(series(results, key, name, get), digits) + (f" ({len(failed)} failed)" if failed else "")
 
 
 def per_round_ratio(
     results: dict[str, Any], key: str, a: str, b: str, get: Callable[[dict[str, Any]], float]
 ) -> list[float]:
-    xs, ys = series(results, key, a, get), series(results, key, b, get)
-    return [x / y for x, y in zip(xs, ys, strict=False) if y]
+    data = results.get("data", {}).get(key, {})
+    pairs = zip(data.get(a, []), data.get(b, []), strict=False)  # the same round of each
+    return [get(x) / get(y) for x, y in pairs if "error" not in x and "error" not in y and get(y)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,12 +168,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     for row in rows:
+        failed = [] if row["key"] == "install" else failures(results, row["key"], row["a"])
+        note = f" ({len(failed)} failed round(s), see Errors)" if failed else ""
         if row["why"] or not row["values"]:
-            row["status"] = f"not available: {row['why'] or 'no data'}"
+            row["status"] = f"not available: {row['why'] or 'no successful round'}{note}"
             continue
         med = statistics.median(row["values"])
         ok = {"<=": med <= row["limit"], ">=": med >= row["limit"], "<": med < row["limit"]}[row["op"]]
-        row["status"] = "met" if ok else "**not met**"
+        row["status"] = ("met" if ok else "**not met**") + note
         row["met"] = ok
     return rows
 
@@ -439,6 +449,7 @@ def write_markdown(results: dict[str, Any], md: Path, img_rel: str, plots: list[
             )
         L += table(["bindings", "ns per run", "runs per connection", "connections/s", "install s"], rows)
 
+    L += errors_section(results)
     L += profile_section(results)
     L += bounds_section(results)
     if plots:
@@ -446,6 +457,28 @@ def write_markdown(results: dict[str, Any], md: Path, img_rel: str, plots: list[
         L += [f"![{p}]({img_rel}/{p})" for p in plots]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(L) + "\n")
+
+
+def errors_section(results: dict[str, Any]) -> list[str]:
+    """Every measurement that failed, e.g. the load generator's byte count check."""
+    rows = []
+    for key, per_cand in results.get("data", {}).items():
+        for name, runs in per_cand.items():
+            for i, run in enumerate(runs):
+                if "error" in run:
+                    rows.append([key, f"`{name}`", str(i + 1), run["error"].replace("|", "/")])
+    if not rows:
+        return []
+    return [
+        "",
+        "## Errors",
+        "",
+        "Failed measurements (excluded from the medians above). `bytes lost or duplicated: sent X, server "
+        "counted Y` is the bulk client's integrity check: the server counted a different number of bytes "
+        "than were sent.",
+        "",
+        *table(["measurement", "candidate", "round", "error"], rows),
+    ]
 
 
 def profile_section(results: dict[str, Any]) -> list[str]:

@@ -705,7 +705,7 @@ def run_phase_a(env: Env, settings: Settings, results: dict[str, Any], say: Call
             data[key] = {n: [] for n in present}
             for rnd in range(settings.rounds):
                 for name in present:  # interleaved: A B C D E, A B C D E, ...
-                    data[key][name].append(fn(phase.candidates[name]))
+                    data[key][name].append(_attempt(fn, phase.candidates[name], f"{key} {name}", say))
                 say(f"{key} round {rnd + 1}/{settings.rounds}: " + _brief(key, data[key]))
         idle_names = [
             n for n in ("haproxy", "trio-copy", "sp-userspace", "sp-spliced") if phase.candidates[n].available
@@ -713,7 +713,7 @@ def run_phase_a(env: Env, settings: Settings, results: dict[str, Any], say: Call
         data["idle"] = {n: [] for n in idle_names}
         for rnd in range(settings.idle_rounds):
             for name in idle_names:
-                data["idle"][name].append(phase.idle(phase.candidates[name]))
+                data["idle"][name].append(_attempt(phase.idle, phase.candidates[name], f"idle {name}", say))
             say(f"idle round {rnd + 1}/{settings.idle_rounds}: " + _brief("idle", data["idle"]))
         spliced = phase.candidates.get("sp-spliced")
         if spliced is not None and spliced.available and spliced.proc is not None:
@@ -728,9 +728,26 @@ def run_phase_a(env: Env, settings: Settings, results: dict[str, Any], say: Call
         phase.stop()
 
 
+def _attempt(
+    fn: Callable[[Candidate], dict[str, Any]], cand: Candidate, what: str, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """One measurement; a failure (e.g. the load generator found bytes lost or duplicated) is recorded
+    as ``{"error": ...}`` for the report instead of ending the whole run."""
+    try:
+        return fn(cand)
+    except (RuntimeError, OSError, TimeoutError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        say(f"{what}: FAILED: {message}")
+        return {"error": message[-500:]}
+
+
 def _brief(key: str, per_cand: dict[str, list[dict[str, Any]]]) -> str:
     field_ = {"rtt": "p50_us", "bulk": "gbit_s", "rate": "conn_s", "idle": "rss_kib"}[key.split("_")[0]]
-    return ", ".join(f"{n}={runs[-1][field_]:.1f}" for n, runs in per_cand.items() if runs)
+    return ", ".join(
+        f"{n}=" + ("failed" if "error" in runs[-1] else f"{runs[-1][field_]:.1f}")
+        for n, runs in per_cand.items()
+        if runs
+    )
 
 
 # --------------------------------------------------------------------------------------------------
