@@ -29,7 +29,8 @@ from ._framers import (
 )
 from ._policy import Policy
 from ._serve import ServeHandle, serve
-from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Verdict
+from ._splice import Splicer, SpliceStats, SpliceUnavailable
+from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -51,6 +52,10 @@ __all__ = [
     "Rewrite",
     "ServeHandle",
     "ServeStats",
+    "Splice",
+    "SpliceStats",
+    "SpliceUnavailable",
+    "Splicer",
     "Verdict",
     "serve",
 ]

@@ -12,6 +12,7 @@ import trio
 from ._context import Context, ServeStats, log
 from ._framers import DEFAULT_MAX_MESSAGE_SIZE
 from ._policy import Policy
+from ._splice import Splicer
 from ._tcp import handle_tcp
 from ._udp import UdpServer, prepare_udp_socket
 from ._verdicts import Drop, Verdict, check_verdict
@@ -96,6 +97,7 @@ async def serve(
     idle_timeout: float = 300.0,
     udp_flow_timeout: float = 30.0,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    splice: Splicer | None = None,
     task_status: trio.TaskStatus[ServeHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Proxy traffic arriving on the given sockets according to ``policy``.
@@ -116,6 +118,10 @@ async def serve(
     :param udp_flow_timeout: a UDP flow with no datagram either way for this long is forgotten (0: never).
     :param max_message_size: the ``max_size`` of framers that leave it ``None``, and the largest UDP
         datagram a message callback is shown; a larger message closes its connection.
+    :param splice: an open :class:`Splicer`: connections that get ``Pass(splice=True)``,
+        ``Redirect(..., splice=True)`` or ``Splice()`` are handed to the kernel.  Open it before creating
+        the listening sockets (docs/splice.md); the caller closes it after serve() returns.  None: the
+        same verdicts relay in userspace, uninspected.
 
     Resources: the given sockets stay owned by the caller -- serve() sets them non-blocking (plus the
     UDP options above) and never closes them; close them after serve() returns.  Every socket
@@ -154,7 +160,10 @@ async def serve(
         udp_flow_timeout=udp_flow_timeout,
         max_message_size=max_message_size,
         stats=ServeStats(),
+        splicer=splice,
     )
+    if splice is not None and not isinstance(splice, Splicer):
+        raise TypeError(f"splice must be a Splicer or None, got {splice!r}")
     tcp = [
         trio.socket.from_stdlib_socket(s)
         for s in _check_sockets(tcp_sockets, socket.SOCK_STREAM, "tcp_sockets")
@@ -174,6 +183,9 @@ async def serve(
                 for usock in udp:
                     listeners.start_soon(udp_server.read_socket, usock)
                 listeners.start_soon(_stop_listeners, handle, listeners.cancel_scope)
+                if splice is not None:
+                    # Frees the slots of closed sockets; stops with the listeners (Splicer.close cleans up).
+                    listeners.start_soon(splice.run_sweeper)
                 log.info("serving %d TCP and %d UDP sockets (label=%r)", len(tcp), len(udp), label)
                 task_status.started(handle)
             # Only reached after stop(): drain, then cancel what is left.

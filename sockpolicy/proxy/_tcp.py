@@ -1,8 +1,18 @@
-"""One proxied TCP connection: the on_connect verdict, the relay, message verdicts, half-close, RST."""
+"""One proxied TCP connection: the on_connect verdict, the relay, message verdicts, half-close, RST.
+
+Splicing (docs/splice.md): once a verdict asks for it, both directions are handed to the kernel.  The
+relay keeps running but, from then on, forwards without inspection and tells the kernel after every
+write how many bytes it has forwarded (``SpliceSocket.set_forwarded``); the kernel starts redirecting
+when that equals what it passed.  What is left in Python: EOF (forwarded to the peer once every
+redirected byte reached the peer's write queue), RST, the idle timeout and cleanup.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -12,12 +22,32 @@ from ._connection import Connection, Direction, Message, normalize_addr
 from ._context import RECV_SIZE, Context, log
 from ._framers import Framer, FramingError
 from ._policy import _MessageRule, run_callback
+from ._splice import SpliceSocket, SpliceUnavailable, queued_total
 from ._streams import EchoStream, SockStream
-from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Verdict
+from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict
 
 __all__ = ["handle_tcp"]
 
 Stream = SockStream | EchoStream
+
+#: Receive buffer (SO_RCVBUF) of both sockets while a splice is pending.
+SWITCH_RCVBUF = 32768
+SO_RCVBUFFORCE = 33
+
+
+@functools.cache
+def _full_rcvbuf() -> int:
+    """The largest receive buffer TCP autotuning would grow to (tcp_rmem max)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 6 << 20
+
+
+#: Tests only: awaited by each direction's pump once, after a splice request and before it first tells the
+#: kernel what it has forwarded -- a window in which the kernel is PENDING and userspace lags behind.
+SPLICE_SWITCH_HOOK: Callable[[], Awaitable[None]] | None = None
 
 
 class _Leg:
@@ -78,6 +108,22 @@ class _TcpSession:
         self.scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
         self.end: _End | None = None
+        # -- splicing --
+        self.raw = False  # a splice was asked for: no more framing or callbacks, whatever the kernel does
+        self.splicing = False  # ... and the kernel takes over (both slots are in MODE_PENDING or later)
+        self.client_slot: SpliceSocket | None = None
+        self.upstream_slot: SpliceSocket | None = None
+        self.claim_failure = "splicing is not enabled (serve(splice=...))"
+        self.read = {Direction.TO_UPSTREAM: 0, Direction.TO_CLIENT: 0}  # bytes received, per direction
+        self.wake: dict[Direction, trio.CancelScope] = {}  # a pump's receive, cancelled to flush a framer
+        self.hooked: set[Direction] = set()  # directions that ran SPLICE_SWITCH_HOOK
+        self.restored: set[Direction] = set()  # directions whose receive buffer is full-size again
+        self.unconsumed = {
+            Direction.TO_UPSTREAM: 0,
+            Direction.TO_CLIENT: 0,
+        }  # peeked, forwarded, still queued
+        self.pumps = 0  # pumps running
+        self.watchdog = trio.CancelScope()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -96,6 +142,8 @@ class _TcpSession:
                     nursery.start_soon(self._guard, self._pump_client)
                     for leg in list(self.legs.values()):
                         nursery.start_soon(self._guard, self._pump_leg, leg)
+                    if self.splicing:
+                        nursery.start_soon(self._splice_watchdog)
             if self.end is not None:
                 reset = self.end.reset
                 level = log.warning if self.end.error else log.info
@@ -120,6 +168,7 @@ class _TcpSession:
             self.client.close(reset=reset)
             for leg in self.legs.values():
                 leg.stream.close(reset=reset)
+            self._release_slots()
             stats.connections_active -= 1
             stats.connections_closed += 1
 
@@ -141,8 +190,6 @@ class _TcpSession:
             raise _End("on_connect verdict Close", reset=False)
         if isinstance(verdict, Rewrite):
             raise _End("on_connect returned Rewrite, which only applies to messages", True, error=True)
-        if verdict.splice:
-            log.debug("%r: splice=True is reserved for kernel splicing; ignored", conn)
         target = verdict.addr if isinstance(verdict, Redirect) else ctx.upstream_for(conn.original_dst)
 
         self.up_rule = ctx.policy._message_rule(conn, Direction.TO_UPSTREAM)
@@ -159,6 +206,9 @@ class _TcpSession:
                 down_framer = ctx.new_framer(self.down_rule.framer)
         self.primary = await self._open_leg(target, down_framer)
         conn.upstream = target
+        self._claim_slots()
+        if verdict.splice:
+            self._request_splice("on_connect")
 
     async def _open_leg(self, addr: tuple[str, int] | None, framer: Framer | None) -> _Leg:
         """Connect to ``addr`` (``None``: echo).  :raises _End: on failure or connect_timeout."""
@@ -195,8 +245,12 @@ class _TcpSession:
 
     async def _guard(self, pump: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a pump; turn whatever ends it abnormally into a session end (never a server crash)."""
+        self.pumps += 1
         try:
             await pump(*args)
+            self.pumps -= 1
+            if not self.pumps:
+                self.watchdog.cancel()  # nothing left to watch: let the session end
         except _End as end:
             self._finish(end)
         except (ConnectionResetError, BrokenPipeError) as exc:
@@ -233,27 +287,48 @@ class _TcpSession:
 
     async def _pump_client(self) -> None:
         stats = self.ctx.stats
-        framer = self.up_framer
+        up = Direction.TO_UPSTREAM
+        assert self.primary is not None
         while True:
-            data = await self.client.receive(RECV_SIZE)
+            await self._flush_raw(up)
+            data = await self._receive(self.client, up)
+            if data is None:
+                continue  # woken to flush the framer after a splice request
             if not data:
                 break
             self._touch()
             stats.bytes_from_client += len(data)
-            if framer is None:
-                assert self.primary is not None
+            self.read[up] += len(data)
+            if self.up_framer is None or self.raw:
                 await self._send_up(self.primary, data)
             else:
-                for msg in _frame(framer, data):
-                    await self._message_up(msg)
+                for msg in _frame(self.up_framer, data):
+                    if self.raw:  # a Splice verdict earlier in this chunk: the rest goes uninspected
+                        await self._send_up(self.primary, msg)
+                    else:
+                        await self._message_up(msg)
+            await self._flush_raw(up)
+        framer, self.up_framer = self.up_framer, None
         if framer is not None and (rest := framer.eof()):
-            await self._message_up(rest)  # a trailing partial message is still inspected
+            if self.raw:
+                await self._send_up(self.primary, rest)
+            else:
+                await self._message_up(rest)  # a trailing partial message is still inspected
+        if self.splicing and self.upstream_slot is not None:
+            # The FIN is not carried across a redirect: send it once the kernel's bytes are all queued.
+            await self._wait_drained(self.upstream_slot, self.client_slot, self.primary.stream)
         # Half-close: tell every upstream, keep relaying what they still send back.
         for leg in self.legs.values():
             leg.stream.send_eof()
 
     async def _send_up(self, leg: _Leg, data: bytes) -> None:
+        slot = self.upstream_slot if leg is self.primary else None
+        if slot is not None and self.splicing:
+            # After a throttle the kernel may still be delivering redirected bytes: queue ours behind them.
+            await self._wait_drained(slot, self.client_slot, leg.stream)
         await leg.stream.send_all(data)
+        if slot is not None:
+            slot.written += len(data)  # the verdict's backlog arithmetic counts every byte we queue
         self.ctx.stats.bytes_to_upstream += len(data)
 
     async def _message_up(self, data: bytes) -> None:
@@ -261,9 +336,9 @@ class _TcpSession:
         msg = self._message(data, Direction.TO_UPSTREAM)
         verdict = await self._callback(self.up_rule.fn, (self.conn, msg), "on_message")
         self.ctx.stats.count_verdict(verdict)
-        if isinstance(verdict, Pass):
+        if isinstance(verdict, Splice | Pass):
             if verdict.splice:
-                log.debug("%r: splice=True is reserved for kernel splicing; ignored", self.conn)
+                self._request_splice(f"on_message (message {msg.index} to upstream)")
             await self._send_up(self.primary, data)
         elif isinstance(verdict, Rewrite):
             await self._send_up(self.primary, verdict.data)
@@ -282,19 +357,38 @@ class _TcpSession:
 
     async def _pump_leg(self, leg: _Leg) -> None:
         stats = self.ctx.stats
+        down = Direction.TO_CLIENT
+        primary = leg is self.primary  # only the primary leg can be spliced
         while True:
-            data = await leg.stream.receive(RECV_SIZE)
+            if primary:
+                await self._flush_raw(down)
+            data = await (self._receive(leg.stream, down) if primary else leg.stream.receive(RECV_SIZE))
+            if data is None:
+                continue
             if not data:
                 break
             self._touch()
             stats.bytes_from_upstream += len(data)
-            if leg.framer is None:
+            if primary:
+                self.read[down] += len(data)
+            if leg.framer is None or self.raw:
                 await self._send_client(data)
             else:
                 for msg in _frame(leg.framer, data):
-                    await self._message_down(msg)
-        if leg.framer is not None and (rest := leg.framer.eof()):
-            await self._message_down(rest)
+                    if self.raw:
+                        await self._send_client(msg)
+                    else:
+                        await self._message_down(msg)
+            if primary:
+                await self._flush_raw(down)
+        framer, leg.framer = leg.framer, None
+        if framer is not None and (rest := framer.eof()):
+            if self.raw:
+                await self._send_client(rest)
+            else:
+                await self._message_down(rest)
+        if primary and self.splicing and self.client_slot is not None:
+            await self._wait_drained(self.client_slot, self.upstream_slot, self.client)
         leg.eof = True
         # The client's write side closes once no upstream can send anything more.
         if all(other.eof for other in self.legs.values()):
@@ -302,7 +396,12 @@ class _TcpSession:
 
     async def _send_client(self, data: bytes) -> None:
         async with self.client_lock:
+            slot = self.client_slot
+            if slot is not None and self.splicing:
+                await self._wait_drained(slot, self.upstream_slot, self.client)
             await self.client.send_all(data)
+            if slot is not None:
+                slot.written += len(data)
         self.ctx.stats.bytes_to_client += len(data)
 
     async def _message_down(self, data: bytes) -> None:
@@ -310,9 +409,9 @@ class _TcpSession:
         msg = self._message(data, Direction.TO_CLIENT)
         verdict = await self._callback(self.down_rule.fn, (self.conn, msg), "on_message")
         self.ctx.stats.count_verdict(verdict)
-        if isinstance(verdict, Pass):
+        if isinstance(verdict, Splice | Pass):
             if verdict.splice:
-                log.debug("%r: splice=True is reserved for kernel splicing; ignored", self.conn)
+                self._request_splice(f"on_message (message {msg.index} to client)")
             await self._send_client(data)
         elif isinstance(verdict, Rewrite):
             await self._send_client(verdict.data)
@@ -320,3 +419,185 @@ class _TcpSession:
             raise _End("on_message returned Redirect for a message to the client", reset=True, error=True)
         elif isinstance(verdict, Close):
             raise _End(f"on_message verdict Close (message {msg.index} to client)", reset=False)
+
+    # -- splicing ----------------------------------------------------------------------------------
+
+    def _claim_slots(self) -> None:
+        """Reserve both sockets' kernel slots before anything is written to either (base calibration)."""
+        splicer = self.ctx.splicer
+        if splicer is None:
+            return
+        assert self.primary is not None
+        if not isinstance(self.primary.stream, SockStream):
+            self.claim_failure = "the echo upstream has no socket to splice to"
+            return
+        try:
+            self.client_slot = splicer.claim(self.client.sock)
+            self.upstream_slot = splicer.claim(self.primary.stream.sock)
+        except SpliceUnavailable as exc:
+            self.claim_failure = str(exc)
+            self._release_slots()
+
+    def _release_slots(self) -> None:
+        splicer = self.ctx.splicer
+        for slot in (self.client_slot, self.upstream_slot):
+            if slot is not None and slot._conn is not None:
+                c = slot.conn
+                log.debug(
+                    "%r: %s mode=%d passed=%d forwarded=%d redirected=%d written=%d throttles=%d dropped=%d",
+                    self.conn, "client" if slot is self.client_slot else "upstream", c.mode, c.passed,
+                    c.forwarded, c.redirected, c.written, c.throttles, c.dropped,
+                )  # fmt: skip
+                if self.splicing:
+                    spliced = slot.redirected
+                    self.ctx.stats.bytes_spliced += spliced
+                    splicer.stats.bytes_spliced += spliced
+                slot.release()
+
+    def _request_splice(self, origin: str) -> None:
+        """Stop inspecting; hand both directions to the kernel if it can take them (else relay raw)."""
+        if self.raw:
+            return
+        self.raw = True
+        splicer = self.ctx.splicer
+        reason = None
+        if self.client_slot is None or self.upstream_slot is None:
+            reason = self.claim_failure
+        elif len(self.legs) > 1:
+            reason = "the connection has several upstreams (on_message Redirect)"
+        if reason is not None:
+            if splicer is not None:
+                splicer.stats.fallbacks += 1
+            level = log.debug if splicer is None else log.info
+            level("%r: splice requested by %s stays in userspace: %s", self.conn, origin, reason)
+            self._wake_pumps()
+            return
+        assert self.client_slot is not None and self.upstream_slot is not None
+        self.splicing = True
+        splicer.stats.spliced += 1
+        # Until each pump has stored `forwarded` after flushing, the stale value (0, or less than what was
+        # passed) keeps the kernel passing: requesting before flushing is safe.
+        for stream in (self.client, self.primary.stream):
+            # A small receive buffer closes the TCP window soon, so that userspace catches up with what
+            # the kernel passed while no new skb can arrive (see _receive); restored after the switch.
+            assert isinstance(stream, SockStream)
+            with contextlib.suppress(OSError):
+                stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SWITCH_RCVBUF)
+        self.client_slot.request(self.upstream_slot)
+        self.upstream_slot.request(self.client_slot)
+        log.debug("%r: spliced by %s", self.conn, origin)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._splice_watchdog)
+        self._wake_pumps()
+
+    def _wake_pumps(self) -> None:
+        # A pump blocked in receive() may hold a framer's partial message: wake it to forward that now.
+        for scope in self.wake.values():
+            scope.cancel()
+
+    async def _receive(self, stream: Stream, direction: Direction) -> bytes | None:
+        """``stream.receive``; ``None`` if a splice request woke us (trio cancels before the syscall
+        returns data, so nothing is lost)."""
+        if self.splicing and isinstance(stream, SockStream):
+            # Peek, forward, publish `forwarded`, only then consume.  Unconsumed bytes keep the receive
+            # buffer full, so a fast sender soon finds the TCP window closed and stops: userspace then
+            # catches up with everything the kernel passed (forwarded == passed) while no new skb can
+            # arrive, and the next one is redirected.  With plain reads a sender faster than Python
+            # would keep userspace one skb behind forever and the switch would never happen.
+            sock = stream.sock
+            size = max(RECV_SIZE, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+            data = await sock.recv(size, socket.MSG_PEEK)
+            self.unconsumed[direction] = len(data)
+            return data
+        if self.raw:
+            return await stream.receive(RECV_SIZE)  # nothing left to flush, ever
+        scope = self.wake[direction] = trio.CancelScope()
+        with scope:
+            return await stream.receive(RECV_SIZE)
+        return None
+
+    async def _flush_raw(self, direction: Direction) -> None:
+        """After a splice request: forward a framer's buffered bytes, then publish what was forwarded."""
+        if not self.raw:
+            return
+        if direction is Direction.TO_UPSTREAM:
+            framer, self.up_framer = self.up_framer, None
+            if framer is not None and (rest := framer.eof()):
+                assert self.primary is not None
+                await self._send_up(self.primary, rest)
+            source = self.client_slot
+        else:
+            assert self.primary is not None
+            framer, self.primary.framer = self.primary.framer, None
+            if framer is not None and (rest := framer.eof()):
+                await self._send_client(rest)
+            source = self.upstream_slot
+        if self.splicing and source is not None:
+            if SPLICE_SWITCH_HOOK is not None and direction not in self.hooked:
+                self.hooked.add(direction)
+                await SPLICE_SWITCH_HOOK()  # meanwhile the kernel passes (and counts) what arrives
+            # Everything read in this direction has been written to the peer: the kernel may switch.
+            source.set_forwarded(self.read[direction])
+            await self._consume(direction)
+
+    async def _consume(self, direction: Direction) -> None:
+        """Drop the bytes :meth:`_receive` peeked and the relay forwarded (they are at the queue's head)."""
+        count, self.unconsumed[direction] = self.unconsumed[direction], 0
+        assert self.primary is not None
+        stream = self.client if direction is Direction.TO_UPSTREAM else self.primary.stream
+        assert isinstance(stream, SockStream)
+        while count:
+            data = await stream.sock.recv(min(count, 1 << 22))
+            if not data:
+                raise _End("peeked bytes vanished from the receive queue", reset=True, error=True)
+            count -= len(data)
+        source = self.client_slot if direction is Direction.TO_UPSTREAM else self.upstream_slot
+        if source is not None and source.passed == self.read[direction] and direction not in self.restored:
+            # Caught up: the next skb is redirected.  Give the socket its full receive buffer back (the
+            # window now bounds only what a throttled connection holds in userspace's queue).
+            self.restored.add(direction)
+            with contextlib.suppress(OSError):
+                stream.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _full_rcvbuf() // 2)
+
+    async def _wait_drained(self, sink: SpliceSocket, source: SpliceSocket | None, stream: Stream) -> None:
+        """Wait until every byte redirected into ``sink``'s socket (and all we wrote) is in its queue.
+
+        Needed before we write into a spliced socket ourselves (after a throttle) and before its FIN.
+        Progress (the queue growing) pushes the idle timeout; no progress for ``idle_timeout`` resets.
+        """
+        assert isinstance(stream, SockStream)
+        delay = 0.0005
+        last = -1
+        stalled = trio.current_time()
+        limit = self.ctx.idle_timeout if self.ctx.idle_timeout > 0 else math.inf
+        while not sink.drained_into(source, stream.sock):
+            total = queued_total(stream.sock)
+            now = trio.current_time()
+            if total != last:
+                last, stalled = total, now
+                self._touch()
+            elif now - stalled > limit:
+                raise _End("spliced bytes did not drain into the peer socket", reset=True, error=True)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _splice_watchdog(self) -> None:
+        """The relay sees no spliced byte: push the idle deadline while the kernel's counters move."""
+        timeout = self.ctx.idle_timeout
+        if timeout <= 0:
+            return
+        with self.watchdog:
+            await self._watch(timeout)
+
+    async def _watch(self, timeout: float) -> None:
+        interval = min(max(timeout / 4, 0.01), 10.0)
+        last = None
+        while True:
+            await trio.sleep(interval)
+            slots = [slot for slot in (self.client_slot, self.upstream_slot) if slot is not None]
+            if any(slot._conn is None for slot in slots):
+                return
+            now = tuple(slot.redirected for slot in slots)
+            if now != last:
+                last = now
+                self._touch()

@@ -9,17 +9,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Close", "Drop", "Pass", "Redirect", "Rewrite", "Verdict", "verdict_kind"]
+__all__ = ["Close", "Drop", "Pass", "Redirect", "Rewrite", "Splice", "Verdict", "verdict_kind"]
 
 
 @dataclass(frozen=True, slots=True)
 class Pass:
     """Let the connection or message through to the upstream chosen by :func:`serve`.
 
-    :param splice: reserved for kernel splicing (SOCKMAP); currently ignored with a debug log.
+    :param splice: from ``on_connect`` (TCP): hand the connection to the kernel once it is set up; no
+        ``on_message`` callback runs for it (see :class:`Splice` and docs/splice.md).  From
+        ``on_message``: the same as :class:`Splice`.  Where splicing is unavailable the connection is
+        relayed in userspace, uninspected.  Ignored for UDP.
     """
 
     splice: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """From ``on_message`` (TCP): forward this message, then stop inspecting the connection and hand both
+    directions to the kernel (SOCKHASH + SK_SKB redirect), socket to socket.
+
+    Bytes already read are forwarded first, so nothing is lost or reordered.  Where splicing is not
+    available (no :class:`~sockpolicy.proxy.Splicer`, a kernel without the features, the echo upstream,
+    several upstreams) the rest of the connection is relayed in userspace without callbacks, and the
+    reason is logged once.  From ``on_connect`` it means ``Pass(splice=True)``; for UDP it means ``Pass()``.
+    """
+
+    @property
+    def splice(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +60,8 @@ class Redirect:
     and relays its replies back to the client.
 
     :param addr: ``(host, port)`` of the other upstream.
-    :param splice: reserved for kernel splicing; currently ignored with a debug log.
+    :param splice: from ``on_connect``: splice the connection to ``addr`` in the kernel (as
+        :class:`Pass` ``(splice=True)``).  Ignored from ``on_message`` and for UDP.
     """
 
     addr: tuple[str, int]
@@ -70,8 +90,8 @@ class Close:
     """Close the connection (both sides, with FIN).  The current message is not forwarded."""
 
 
-Verdict = Pass | Drop | Redirect | Rewrite | Close
-_VERDICT_TYPES = (Pass, Drop, Redirect, Rewrite, Close)
+Verdict = Pass | Drop | Redirect | Rewrite | Close | Splice
+_VERDICT_TYPES = (Pass, Drop, Redirect, Rewrite, Close, Splice)
 
 
 def verdict_kind(verdict: Verdict) -> str:
@@ -83,4 +103,4 @@ def check_verdict(value: object, where: str) -> Verdict:
     """Return ``value`` if it is a verdict, else raise :exc:`TypeError` naming the callback ``where``."""
     if isinstance(value, _VERDICT_TYPES):
         return value
-    raise TypeError(f"{where} returned {value!r}; expected Pass, Drop, Redirect, Rewrite or Close")
+    raise TypeError(f"{where} returned {value!r}; expected Pass, Drop, Redirect, Rewrite, Close or Splice")

@@ -1,0 +1,181 @@
+"""A splicing proxy in a child process, driven over stdin/stdout (the splice tests and benchmarks use it).
+
+Splicing moves the serving process into a dedicated cgroup, so it runs in a process of its own::
+
+    python -m sockpolicy._splice_server --netns /run/netns/NAME --upstream 127.0.0.1:PORT --policy connect
+
+It joins the network namespace (setns, so the mount namespace and with it the cgroup v2 mount stay
+visible -- ``ip netns exec`` would remount /sys), opens a :class:`~sockpolicy.proxy.Splicer` (or logs why
+it cannot), listens on 127.0.0.1 and prints one JSON line ``{"port": ..., "splice": null | "reason"}``.
+With ``--hold`` it accepts nothing until it reads ``go`` (clients can then send before ``accept()``).
+Commands on stdin, one per line, each answered with one JSON line: ``go``, ``stats``, ``sweep``,
+``quit``.
+
+Policies: ``connect`` -- ``Pass(splice=True)`` from on_connect; ``message`` -- lines are inspected
+(LineFramer) until one reads ``SPLICE``, whose verdict is ``Splice()``; ``down`` -- the same on lines from
+the upstream; ``none`` -- plain ``Pass()`` (no splice requested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import trio
+
+from sockpolicy.proxy import (
+    Direction,
+    LineFramer,
+    Pass,
+    Policy,
+    Splice,
+    Splicer,
+    SpliceUnavailable,
+    _tcp,
+    serve,
+)
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def build_policy(name: str) -> Policy:
+    policy = Policy()
+    if name == "connect":
+        policy.on_connect()(lambda conn: Pass(splice=True))
+    elif name in ("message", "down"):
+        direction = Direction.TO_UPSTREAM if name == "message" else Direction.TO_CLIENT
+
+        def inspect(conn: Any, msg: Any) -> Pass | Splice:
+            return Splice() if msg.data.rstrip(b"\r\n") == b"SPLICE" else Pass()
+
+        policy.on_message(framer=LineFramer(), direction=direction)(inspect)
+    elif name != "none":
+        raise SystemExit(f"unknown policy {name!r}")
+    return policy
+
+
+def _emit(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    splicer: Splicer | None = None
+    reason: str | None = None
+    try:
+        splicer = Splicer.open(backlog_high=args.backlog_high, backlog_low=args.backlog_low)
+    except SpliceUnavailable as exc:
+        reason = str(exc)
+        logging.getLogger("sockpolicy.proxy").warning("splice unavailable: %s", reason)
+    if args.switch_pause:
+        pause = args.switch_pause
+
+        async def hook() -> None:
+            await trio.sleep(pause)
+
+        _tcp.SPLICE_SWITCH_HOOK = hook
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # after Splicer.open: in its cgroup
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4096)
+    host, port = args.upstream.rsplit(":", 1)
+    _emit({"port": listener.getsockname()[1], "splice": reason, "pid": os.getpid()})
+    stdin = trio.wrap_file(sys.stdin)
+    try:
+        async with trio.open_nursery() as nursery:
+            handle = None
+            if not args.hold:
+                handle = await nursery.start(
+                    lambda task_status: serve(
+                        build_policy(args.policy),
+                        tcp_sockets=[listener],
+                        upstream=(host, int(port)),
+                        splice=splicer,
+                        idle_timeout=args.idle_timeout,
+                        task_status=task_status,
+                    )
+                )
+            while True:
+                line = (await stdin.readline()).strip()
+                if not line or line == "quit":
+                    break
+                if line == "go" and handle is None:
+                    handle = await nursery.start(
+                        lambda task_status: serve(
+                            build_policy(args.policy),
+                            tcp_sockets=[listener],
+                            upstream=(host, int(port)),
+                            splice=splicer,
+                            idle_timeout=args.idle_timeout,
+                            task_status=task_status,
+                        )
+                    )
+                    _emit({"ok": True})
+                elif line == "sweep" and splicer is not None:
+                    splicer.sweep()
+                    _emit({"ok": True})
+                elif line == "stats":
+                    _emit(_stats(splicer, handle))
+                else:
+                    _emit({"ok": False, "error": f"unknown command {line!r}"})
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+        if splicer is not None:
+            splicer.close()
+
+
+def _stats(splicer: Splicer | None, handle: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {"fds": len(os.listdir("/proc/self/fd"))}
+    if handle is not None:
+        stats = handle.stats
+        result["serve"] = {
+            "accepted": stats.connections_accepted,
+            "active": stats.connections_active,
+            "closed": stats.connections_closed,
+            "errors": stats.errors,
+            "bytes_spliced": stats.bytes_spliced,
+        }
+    if splicer is not None:
+        result["entries"] = splicer.entries()
+        result["kernel"] = splicer.kernel_stats()
+        result["splicer"] = vars(splicer.stats).copy()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--netns", help="network namespace path to join first")
+    parser.add_argument("--upstream", required=True, help="HOST:PORT")
+    parser.add_argument("--policy", default="connect", choices=["connect", "message", "down", "none"])
+    parser.add_argument("--hold", action="store_true", help="serve only after 'go' on stdin")
+    parser.add_argument("--switch-pause", type=float, default=0.0, help="pause the switch (seconds)")
+    parser.add_argument("--backlog-high", type=int, default=4 << 20)
+    parser.add_argument("--backlog-low", type=int, default=1 << 20)
+    parser.add_argument("--idle-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SOCKPOLICY_LOG", "WARNING"), stream=sys.stderr)
+    if args.netns:
+        _setns(args.netns)
+    trio.run(_main, args)
+
+
+if __name__ == "__main__":
+    main()
