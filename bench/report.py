@@ -208,7 +208,13 @@ def machine_section(results: dict[str, Any]) -> list[str]:
     return [
         f"- **Date**: {results['date']}; mode `{s['mode']}`; {s['rounds']} interleaved rounds each; "
         f"whole run {results.get('duration_s', 0):.0f} s",
-        f"- **Load average at start** (1/5/15 min): {load}",
+        f"- **Load average** (1/5/15 min) at start: {load}"
+        + (
+            f"; at the end: {', '.join(f'{x:.2f}' for x in results['loadavg_end'])}"
+            if "loadavg_end" in results
+            else ""
+        )
+        + " (this run's own processes keep about one CPU busy)",
         f"- **Machine**: {m['cpu_model']}, {m['cpus']} CPUs, {m['mem_gib']} GiB; {m['os']}; "
         f"kernel {m['kernel']}",
         f"- **Software**: Python {m['python']}, trio {m['trio']}, {m['haproxy']}; "

@@ -1102,6 +1102,7 @@ def run(
     finally:
         env.cleanup()
     results["duration_s"] = time.monotonic() - t0
+    results["loadavg_end"] = os.getloadavg()  # others' work during the run shows up here
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=1))
     return results
