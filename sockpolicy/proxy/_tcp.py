@@ -579,7 +579,7 @@ class _TcpSession:
             elif now - stalled > limit:
                 raise _End("spliced bytes did not drain into the peer socket", reset=True, error=True)
             await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.005)
 
     async def _splice_watchdog(self) -> None:
         """The relay sees no spliced byte: push the idle deadline while the kernel's counters move."""
