@@ -366,8 +366,17 @@ class Splicer:
             with contextlib.suppress(OSError):
                 (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
             if self._created_cgroup:
-                with contextlib.suppress(OSError):
-                    self._cgroup.rmdir()
+                # The cgroup reads as populated for a moment after the move: retry briefly.
+                for _ in range(50):
+                    try:
+                        self._cgroup.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.01)
+                else:
+                    log.warning("splice: could not remove cgroup %s (still busy)", self._cgroup)
         if self._attachment is not None:
             with contextlib.suppress(OSError, _errors.SockpolicyError):
                 self._attachment.detach()
