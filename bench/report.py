@@ -378,20 +378,23 @@ def write_markdown(results: dict[str, Any], md: Path, img_rel: str, plots: list[
         "## Memory with idle connections",
         "",
         f"RSS of the proxy process with {s['idle_conns']} idle connections open through it (one byte "
-        "exchanged, so both legs exist), and the growth per connection.",
+        "exchanged, so both legs exist), and the growth per connection over the proxy's RSS before the "
+        "first round.",
         "",
     ]
     rows = []
     for n in ["haproxy", "trio-copy", "sp-userspace", "sp-spliced"]:
-        rows.append(
-            [
-                f"`{n}`",
-                cell(results, "idle", n, lambda r: r["rss_kib"] / 1024),
-                cell(results, "idle", n, lambda r: r["rss_before_kib"] / 1024),
-                cell(results, "idle", n, lambda r: r["kib_per_conn"], 2),
-            ]
-        )
-    L += table(["candidate", "RSS MiB", "RSS before, MiB", "KiB per connection"], rows)
+        runs = [r for r in results.get("data", {}).get("idle", {}).get(n, []) if "error" not in r]
+        if unavailable(results, n) is not None or not runs:
+            rows.append([f"`{n}`", "not available", "", ""])
+            continue
+        # Later rounds start from a heap the first round grew (freed memory is kept for reuse), so the
+        # growth per connection is taken against the first round's starting point.
+        first = runs[0]["rss_before_kib"]
+        rss = [r["rss_kib"] for r in runs]
+        per_conn = (statistics.median(rss) - first) / runs[0]["connections"]
+        rows.append([f"`{n}`", fmt([x / 1024 for x in rss]), f"{first / 1024:.1f}", f"{per_conn:.1f}"])
+    L += table(["candidate", "RSS MiB", "RSS before the first round, MiB", "KiB per connection"], rows)
 
     # dispatcher
     L += [
@@ -541,6 +544,15 @@ def profile_section(results: dict[str, Any]) -> list[str]:
                 L += table(["symbol", "%"], [[f"`{sym}`", f"{pct:.1f}"] for sym, pct in e["kernel_top"][:8]])
     for name, loads in prof.items():
         for load, e in loads.items():
+            pb = e.get("psock_backlog")
+            if pb:
+                L += [
+                    "",
+                    f"Kernel psock backlog worker (`sk_psock_backlog`), `{name}` under `{load}`: "
+                    + _backlog(pb, e),
+                ]
+    for name, loads in prof.items():
+        for load, e in loads.items():
             top = e.get("top_python")
             if top:
                 L += ["", f"py-spy, `{name}` under `{load}` (self time, % of samples):", ""]
@@ -677,6 +689,40 @@ def _spliced_bounds(results: dict[str, Any], key: str, prof: dict[str, Any]) -> 
             )
             + ". "
         )
+    pb = mine.get("psock_backlog")
+    if unit != "request" and pb and pb.get("share_of_time_in_gaps_ge_1ms", 0) >= 0.2:
+        queued = pb.get("queued_by", {})
+        timer = sum(v for k, v in queued.items() if k.startswith("timer"))
+        total = sum(queued.values()) or 1
+        text += f"The redirect worker mostly sat idle: {_backlog(pb, mine)} "
+        if timer / total >= 0.3:
+            text += (
+                "Most runs were queued by a timer: when the target socket's send buffer is full, "
+                "`sk_psock_backlog` re-queues itself as delayed work one jiffy later, so the stream moves "
+                "about one send buffer per jiffy. "
+            )
+        else:
+            text += (
+                f"Only {timer} of {total} runs were queued by the retry timer, so the kernel was not "
+                "waiting on a full send buffer: during the gaps nothing reached the redirect at all, i.e. "
+                "the stream was held up before it (the switch between userspace relay and kernel redirect "
+                "in the proxy, see its py-spy line below). "
+            )
+    counters = results.get("splice_counters", {})
+    if unit != "request" and counters.get("splice"):
+        moved_k = counters["splice"].get("bytes_spliced", 0)
+        moved_u = counters.get("bytes_from_client", 0)
+        text += (
+            f"Over the whole run the kernel moved {moved_k / 1e9:.2f} GB for the spliced candidate and its "
+            f"proxy process relayed {moved_u / 1e9:.2f} GB (client to upstream) itself. "
+        )
+    top = mine.get("top_python")
+    if unit != "request" and top:
+        text += (
+            "Spliced proxy process, py-spy self time: "
+            + ", ".join(f"`{f}` {p:.0f}%" for f, p in top[:3])
+            + ". "
+        )
     if unit != "request" and wq < 0.05 and _nsys(per) >= 1.5:
         text += (
             f"Under bulk load the proxy process itself made {_nsys(per):.1f} syscalls ({_sysc(per)}) per "
@@ -692,6 +738,18 @@ def _spliced_bounds(results: dict[str, Any], key: str, prof: dict[str, Any]) -> 
             "kernel redirects, and on a shared CPU that time is taken from the client and server."
         )
     return text
+
+
+def _backlog(pb: dict[str, Any], e: dict[str, Any]) -> str:
+    hz = pb.get("hz")
+    jiffy = f" (one jiffy at CONFIG_HZ={hz} is {1000 / hz:.0f} ms)" if hz else ""
+    queued = ", ".join(f"{k} {v}" for k, v in sorted(pb.get("queued_by", {}).items(), key=lambda kv: -kv[1]))
+    return (
+        f"{pb['runs_per_unit']:.2f} runs per {e['unit']}; queued by: {queued or 'nothing'}; "
+        f"{pb['gaps_ge_1ms']} gaps of 1 ms or more between runs, "
+        f"{100 * pb['share_of_time_in_gaps_ge_1ms']:.0f}% "
+        f"of the time, median {pb['median_long_gap_ms']:.1f} ms{jiffy}."
+    )
 
 
 def _nsys(per: dict[str, float]) -> float:

@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -830,6 +832,10 @@ def _profile_one(
     if perf and name in KERNEL_PROFILED:
         argv = [perf, "record", "-q", "-a", "-e", "cpu-clock", "-F", "1999", "-o", str(files["record"])]
         tools.append(env.spawn([*argv, "--", "sleep", span], "server", **quiet))
+    if perf and name == "sp-spliced":
+        wq = ["workqueue:workqueue_queue_work", "workqueue:workqueue_execute_start"]
+        argv = [perf, "record", "-q", "-a", "-e", ",".join(wq), "-o", str(env.tmp / f"wq-{name}-{load}")]
+        tools.append(env.spawn([*argv, "--", "sleep", span], "server", **quiet))
     if pyspy and pid is not None and name != "haproxy":
         argv = [
             pyspy,
@@ -872,7 +878,70 @@ def _profile_one(
         entry["kernel_top"], entry["by_thread"] = _perf_report(perf, files["record"])
     if files["pyspy"].exists():
         entry["top_python"] = _parse_pyspy(files["pyspy"].read_text())
+    wq_data = env.tmp / f"wq-{name}-{load}"
+    if wq_data.exists():
+        entry["psock_backlog"] = _psock_backlog(perf, wq_data, units)
     return entry
+
+
+def _psock_backlog(perf: str | None, data: Path, units: float) -> dict[str, Any]:
+    """How the kernel's psock backlog worker (which transmits SK_SKB redirects to another socket's
+    egress) ran: runs per unit, who queued it (a process sending, or a timer: the retry one jiffy later
+    after the target's send buffer was full), and the gaps between runs."""
+    if perf is None:
+        return {}
+    text = subprocess.run(
+        [perf, "script", "-i", str(data)], capture_output=True, text=True, timeout=120
+    ).stdout
+    runs: list[float] = []
+    queued_by: dict[str, int] = {}
+    for line in text.splitlines():
+        if "sk_psock_backlog" not in line:
+            continue
+        parts = line.split()
+        try:
+            stamp = float(
+                next(p for p in parts if p.endswith(":") and p[:-1].replace(".", "").isdigit())[:-1]
+            )
+        except StopIteration:
+            continue
+        if "workqueue_execute_start" in line:
+            runs.append(stamp)
+        elif "workqueue_queue_work" in line:
+            comm = parts[0]
+            kind = (
+                "timer (swapper/ksoftirqd)" if comm in ("swapper",) or comm.startswith("ksoftirqd") else comm
+            )
+            kind = "python (a sending process)" if comm.startswith("python") else kind
+            queued_by[kind] = queued_by.get(kind, 0) + 1
+    gaps = [(b - a) * 1e3 for a, b in itertools.pairwise(runs)]
+    long_gaps = [g for g in gaps if g >= 1.0]
+    span = (runs[-1] - runs[0]) if len(runs) > 1 else 0.0
+    return {
+        "runs_per_unit": len(runs) / units if units else 0.0,
+        "queued_by": queued_by,
+        "gaps_ge_1ms": len(long_gaps),
+        "share_of_time_in_gaps_ge_1ms": (sum(long_gaps) / 1e3 / span) if span else 0.0,
+        "median_long_gap_ms": statistics.median(long_gaps) if long_gaps else 0.0,
+        "hz": _config_hz(),
+    }
+
+
+def _config_hz() -> int | None:
+    for path in ("/proc/config.gz", f"/boot/config-{platform.release()}"):
+        try:
+            if path.endswith(".gz"):
+                import gzip
+
+                text = gzip.decompress(Path(path).read_bytes()).decode()
+            else:
+                text = Path(path).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("CONFIG_HZ="):
+                return int(line.split("=")[1])
+    return None
 
 
 def _perf_report(perf: str | None, data: Path, top: int = 10) -> tuple[list[tuple[str, float]], list]:
