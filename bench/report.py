@@ -705,8 +705,8 @@ def _spliced_bounds(results: dict[str, Any], key: str, prof: dict[str, Any]) -> 
             text += (
                 f"Only {timer} of {total} runs were queued by the retry timer, so the kernel was not "
                 "waiting on a full send buffer: during the gaps nothing reached the redirect at all, i.e. "
-                "the stream was held up before it (the switch between userspace relay and kernel redirect "
-                "in the proxy, see its py-spy line below). "
+                "the stream was held up before the redirect (where: see the spliced proxy process's py-spy "
+                "self time below). "
             )
     counters = results.get("splice_counters", {})
     if unit != "request" and counters.get("splice"):
