@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 import click
 
+from sockpolicy._cli_rules import register as _register_rules_commands
+
 from ._policyfile import PolicyFileError
 from ._ranges import InvalidEndpoint, InvalidPrefix, InvalidRange, PrefixNotLocal, RouteCheckError
 from ._serve import (
@@ -463,18 +465,31 @@ def status(as_json: bool) -> None:
         loaded = True
     except _not_loaded():
         loaded, items, sockets, counters = False, [], {}, {}
+    from sockpolicy._cli_rules import rules_status
+
+    kernel_rules = rules_status()
     if as_json:
         doc = {
             "loaded": loaded,
             "bindings": [_binding_json(b) for b in items],
             "sockets": {str(k): _jsonable(v) for k, v in sockets.items()},
             "counters": {str(k): _jsonable(v) for k, v in counters.items()},
+            "kernel_rules": {k: v for k, v in kernel_rules.items() if k != "lines"},
         }
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(f"dispatcher: {'loaded' if loaded else 'not loaded'}")
-    if not loaded:
-        return
+    if loaded:
+        _echo_dispatcher_status(items, sockets, counters)
+    if kernel_rules["loaded"]:
+        click.echo(
+            f"kernel rules: generation {kernel_rules['generation']}, {kernel_rules['enrolled']} enrolled"
+        )
+        for line in kernel_rules["lines"]:
+            click.echo(f"  {line}")
+
+
+def _echo_dispatcher_status(items: list[Any], sockets: dict[Any, Any], counters: dict[Any, Any]) -> None:
     click.echo(f"bindings: {len(items)}")
     for b in items:
         click.echo(f"  {_format_binding(b)}")
@@ -516,6 +531,9 @@ def policy_cmd(path: str) -> None:
     else:
         load_policy(path)
         click.echo(f"{path}: ok")
+
+
+_register_rules_commands(cli)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

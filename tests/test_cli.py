@@ -160,7 +160,7 @@ def write(tmp_path: Path, name: str, text: str, mode: int = 0o644) -> Path:
 
 # --- help --------------------------------------------------------------------------------------------
 
-COMMANDS = ["serve", "reload", "bindings", "status", "bind", "unbind", "unload", "policy"]
+COMMANDS = ["serve", "reload", "bindings", "status", "bind", "unbind", "unload", "policy", "enforce", "rules"]
 
 
 def test_every_command_is_tested() -> None:

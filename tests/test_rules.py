@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -153,6 +154,11 @@ def test_cli_enforce_rules_unload(tmp_path: Path) -> None:
         result = runner.invoke(_cli(), ["rules"])
         assert result.exit_code == 0, result.output
         assert "everything" in result.output and "msgs=0" in result.output
+        result = runner.invoke(_cli(), ["status"])
+        assert result.exit_code == 0, result.output
+        assert "kernel rules: generation 1" in result.output and "everything" in result.output
+        result = runner.invoke(_cli(), ["status", "--json"])
+        assert json.loads(result.output)["kernel_rules"]["generation"] == 1
     finally:
         result = runner.invoke(_cli(), ["enforce", "--unload"])
     assert result.exit_code == 0
