@@ -403,7 +403,7 @@ def write_markdown(results: dict[str, Any], md: Path, img_rel: str, plots: list[
         "",
         "A fresh process opens a dispatcher (load + attach), then installs one binding per prefix "
         "(`10.x.y.0/24`, ports 1-65535) in a single `add_bindings` call. Kernel memory is the `memlock` "
-        "the kernel reports for the dispatcher's maps (`/proc/PID/fdinfo`); peak RSS growth is the "
+        "the kernel reports for the dispatcher's maps (`/proc/PID/fdinfo`); RSS growth is the "
         "process's VmRSS increase across the install.",
         "",
     ]
@@ -702,12 +702,21 @@ def _spliced_bounds(results: dict[str, Any], key: str, prof: dict[str, Any]) -> 
                 "about one send buffer per jiffy. "
             )
         else:
+            counters = results.get("splice_counters", {})
+            moved_k = counters.get("splice", {}).get("bytes_spliced", 0)
+            moved_u = counters.get("bytes_from_client", 0)
             text += (
-                f"Only {timer} of {total} runs were queued by the retry timer, so the kernel was not "
-                "waiting on a full send buffer: during the gaps nothing reached the redirect at all, i.e. "
-                "the stream was held up before the redirect (where: see the spliced proxy process's py-spy "
-                "self time below). "
+                f"Only {timer} of {total} runs were queued by the retry timer: the gaps are not the kernel "
             )
+            if moved_u > moved_k:
+                text += (
+                    "waiting for a full send buffer but time in which the connection was relayed by "
+                    "the proxy process instead (counters under Profiles: more bytes relayed in userspace "
+                    "than spliced; after a throttle, i.e. a redirect backlog above the high mark, "
+                    "docs/splice.md says much of the rest of a connection is relayed in userspace). "
+                )
+            else:
+                text += "waiting for a full send buffer; nothing reached the redirect during them. "
     counters = results.get("splice_counters", {})
     if unit != "request" and counters.get("splice"):
         moved_k = counters["splice"].get("bytes_spliced", 0)
