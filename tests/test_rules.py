@@ -10,7 +10,6 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from sockpolicy._cli_rules import register
 from sockpolicy._rules import Rule, RuleError, RuleSet, state_dir
 from sockpolicy.proxy._verdicts import Close, Drop, Pass, Redirect, Rewrite
 
@@ -103,12 +102,10 @@ def test_partial_overlap_is_allowed() -> None:
 
 
 def _cli() -> click.Group:
-    @click.group()
-    def group() -> None:
-        pass
+    # The real command group: the rules commands are registered into it like any other.
+    from sockpolicy._cli import cli
 
-    register(group)
-    return group
+    return cli
 
 
 @pytest.mark.parametrize(
