@@ -249,6 +249,12 @@ _serve_options: list[Callable[[Any], Any]] = [
         metavar="NAME",
         help="After setup, drop root and run as this user with no capabilities.",
     ),
+    click.option(
+        "--splice",
+        is_flag=True,
+        help="Kernel splicing (docs/splice.md): connections passed to an --upstream (or given a splice "
+        "verdict by the policy) are handed to the kernel; if the kernel cannot, one log line and userspace.",
+    ),
 ]
 
 

@@ -122,6 +122,8 @@ class ServeConfig:
     user: str | None = None
     #: ``sockpolicy reload``: make the running serve of the label stop and hand its sockets over.
     takeover: bool = False
+    #: ``--splice``: open a :class:`~sockpolicy.proxy.Splicer` (kernel splicing) before the sockets.
+    splice: bool = False
 
     @classmethod
     def from_cli(
@@ -143,6 +145,7 @@ class ServeConfig:
         conn_log_interval: float = DEFAULT_CONN_LOG_INTERVAL,
         user: str | None = None,
         takeover: bool = False,
+        splice: bool = False,
         check_routes: bool = True,
         load: bool = True,
     ) -> ServeConfig:
@@ -207,6 +210,7 @@ class ServeConfig:
             conn_log_interval=float(conn_log_interval),
             user=user,
             takeover=takeover,
+            splice=bool(splice),
         )
 
     @property
