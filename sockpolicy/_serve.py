@@ -594,11 +594,19 @@ def _reloadable_class() -> type:
     return ReloadablePolicy
 
 
-def reloadable(policy: Policy | None) -> Any:
-    """Wrap ``policy`` (``None``: pass everything) so that SIGHUP can replace it."""
-    from .proxy import Policy
+def reloadable(policy: Policy | None, *, splice: bool = False) -> Any:
+    """Wrap ``policy`` (``None``: pass everything, spliced if ``splice``) so that SIGHUP can replace it."""
+    from .proxy import Pass, Policy
 
-    return _reloadable_class()(policy if policy is not None else Policy())
+    if policy is None:
+        policy = Policy()
+        if splice:
+
+            @policy.on_connect(proto="tcp")
+            def _splice_all(conn: Any) -> Any:
+                return Pass(splice=True)
+
+    return _reloadable_class()(policy)
 
 
 async def reload_policy(config: ServeConfig, policy: Any) -> bool:
@@ -638,7 +646,9 @@ class Runtime:
         self.handoff: HandoffServer | None = None
         self.metrics: Any = None
         self.receiver: Any = None
-        self.policy = reloadable(config.policy)
+        self.policy: Any = None
+        #: ``--splice``: the open :class:`~sockpolicy.proxy.Splicer`, or None (not asked for, or unavailable).
+        self.splicer: Any = None
         self.stats: list[Any] = []  # ServeStats of the trio workers in this process
         self.expired = False
 
@@ -669,6 +679,9 @@ class Runtime:
         else:
             self.stack.callback(adopted.abandon)  # after confirm() this only closes our dups
             log.info("adopted %d sockets from pid %d", len(adopted.sockets), adopted.pid)
+        if config.splice:
+            self.splicer = self._open_splicer(adopted)  # BEFORE the sockets: they take its cgroup
+        self.policy = reloadable(config.policy, splice=self.splicer is not None)
         self.socket_sets = _socket_sets(config, adopted)
         for sockets in self.socket_sets:
             self.stack.callback(sockets.close)
@@ -694,6 +707,50 @@ class Runtime:
             drop_privileges(config.user)
             steer.can_unload = False
             log.info("running as user %r with no capabilities", config.user)
+
+    def _open_splicer(self, adopted: Adopted | None) -> Any:
+        """``--splice``: open the Splicer (moves this process into its cgroup), or log one line why not."""
+        config = self.config
+        if config.workers > 1:
+            log.warning(
+                "splice: not with --workers %d (each worker would need its own splicer and listening "
+                "sockets created in its own cgroup); serving in userspace",
+                config.workers,
+            )
+            return None
+        if config.upstream is None and config.policy is None:
+            log.warning(
+                "splice: no --upstream: the built-in echo service has no socket to splice to; "
+                "serving in userspace"
+            )
+            return None
+        from .proxy import Splicer, SpliceUnavailable
+
+        try:
+            splicer = Splicer.open()
+        except SpliceUnavailable as exc:
+            log.warning("splice: unavailable (%s), serving in userspace: %s", exc.feature, exc)
+            return None
+        self.stack.callback(self._close_splicer, splicer)
+        if adopted is not None and adopted.sockets:
+            log.warning(
+                "splice: the %d listening sockets adopted from pid %d belong to its cgroup, so connections "
+                "accepted on them are relayed in userspace (docs/operations.md)",
+                len(adopted.sockets),
+                adopted.pid,
+            )
+        return splicer
+
+    @staticmethod
+    def _close_splicer(splicer: Any) -> None:
+        stats = splicer.stats
+        log.info(
+            "splice: %d connections spliced (%d bytes), %d relayed in userspace",
+            stats.spliced,
+            stats.bytes_spliced,
+            stats.fallbacks,
+        )
+        splicer.close()
 
     def _ask_predecessor(self, directory: Path) -> Adopted | None:
         from ._handoff import HandoffBusy, request_handoff
@@ -891,6 +948,7 @@ async def run_worker(
                     upstream=config.upstream,
                     label=config.label,
                     connect_timeout=config.connect_timeout,
+                    splice=runtime.splicer if runtime is not None else None,
                 )
             )
             if runtime is not None:
@@ -920,6 +978,9 @@ async def run_worker(
                 runtime.begin_stop()
                 deadline = trio.current_time() + config.handoff_timeout
                 while True:
+                    if runtime.splicer is not None and runtime.handed_off():
+                        # The listeners are the successor's now: stop enrolling what they accept.
+                        runtime.splicer.stop_enrolling()
                     closed = runtime.handed_off() or (trio.current_time() >= deadline and runtime.expire())
                     if closed and handle.finished:
                         break

@@ -395,6 +395,17 @@ class Splicer:
             owned.close()
         self._maps.clear()
 
+    def stop_enrolling(self) -> None:
+        """Detach the SOCK_OPS program: sockets established from now on are not enrolled.  Idempotent.
+
+        For a restart: the listening sockets handed to a successor stay in this splicer's cgroup, and what
+        they accept is the successor's.  Connections already spliced are not affected.
+        """
+        for link in self._links:
+            with contextlib.suppress(OSError, _errors.SockpolicyError):
+                link.close()
+        self._links.clear()
+
     def __enter__(self) -> Splicer:
         return self
 
