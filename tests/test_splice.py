@@ -214,8 +214,14 @@ class ProxyProcess:
         return json.loads(reply)
 
     def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        # pread, not seek(0)+read: the child shares this file's offset, so a seek races with the child's
+        # writes and the read can start mid-file.
+        fd = self.log.fileno()
+        chunks, offset = [], 0
+        while chunk := os.pread(fd, 1 << 16, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
     async def wait_idle(self, timeout: float = 20.0) -> dict[str, Any]:
         """Stats once every connection is closed and every slot freed."""
