@@ -587,6 +587,19 @@ def make_veth_pair() -> Iterator[Callable[..., VethPair]]:
 
 
 @pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    """A fresh directory on bpffs for a test's pins, removed with everything pinned in it afterwards."""
+    path = Path("/sys/fs/bpf") / f"{NETNS_PREFIX}test-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for entry in path.iterdir():
+            entry.unlink()
+        path.rmdir()
+
+
+@pytest.fixture
 def veth_pair(make_veth_pair: Callable[..., VethPair]) -> VethPair:
     """A default :class:`VethPair`: MTU 1500, 198.18.0.1/24 <-> 198.18.0.2/24, fd00:5eed::1 <-> ::2 /64."""
     return make_veth_pair()

@@ -4,11 +4,9 @@ per-CPU sums driven by BPF_PROG_TEST_RUN, array bounds, pinning across processes
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,19 +43,6 @@ from sockpolicy.maps import (
 
 REPO = Path(__file__).resolve().parent.parent
 privileged = pytest.mark.privileged
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[Path]:
-    """A fresh directory on bpffs, removed with everything pinned in it afterwards."""
-    path = Path("/sys/fs/bpf") / f"sp-test-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for entry in path.iterdir():
-            entry.unlink()
-        path.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,18 +42,6 @@ REPO = Path(__file__).resolve().parent.parent
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 
 
-@pytest.fixture
-def pin_dir() -> Iterator[Path]:
-    path = Path("/sys/fs/bpf") / f"sp-test-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for entry in path.iterdir():
-            entry.unlink()
-        path.rmdir()
-
-
 def _open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
