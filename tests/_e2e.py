@@ -31,7 +31,7 @@ def in_ns(ns: Any) -> list[str]:
     return [nsenter, f"--net={ns.path}"]
 
 
-def sockpolicy(ns: Any, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def sockpolicy(ns: Any, *args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run ``sockpolicy ARGS`` inside ``ns`` and return the finished process (not checked)."""
     return subprocess.run(
         [*in_ns(ns), SCRIPT, *args],
@@ -39,6 +39,7 @@ def sockpolicy(ns: Any, *args: str, timeout: float = 60) -> subprocess.Completed
         capture_output=True,
         text=True,
         timeout=timeout,
+        **kw,
     )
 
 

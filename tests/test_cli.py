@@ -11,7 +11,6 @@ import errno
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from _e2e import SCRIPT, in_ns, start_serve, stop
 from click.testing import CliRunner, Result
 
 from sockpolicy import _errors, _serve
@@ -580,8 +580,6 @@ def test_python_dash_m_help() -> None:
 
 # --- privileged end to end: real dispatcher, real proxy, in a throwaway network namespace -----------
 
-SCRIPT = str(VENV_BIN / "sockpolicy")
-
 
 def _echo(ns: Any, proto: str, host: str, port: int, payload: bytes = b"hello") -> bytes:
     """Send ``payload`` from inside ``ns`` and return the reply (b"" if the connection was dropped)."""
@@ -620,39 +618,8 @@ def _wait_echo(ns: Any, proto: str, host: str, port: int, proc: subprocess.Popen
             time.sleep(0.2)
 
 
-def _in_ns(ns: Any) -> list[str]:
-    # nsenter, not "ip netns exec": the latter also makes a mount namespace with a fresh /sys, where
-    # bpffs is not mounted.  nsenter execs the command, so a Popen pid is sockpolicy itself.
-    nsenter = shutil.which("nsenter")
-    if nsenter is None:
-        pytest.skip("nsenter (util-linux) not installed")
-    return [nsenter, f"--net={ns.path}"]
-
-
 def _sp(ns: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    return _subprocess([*_in_ns(ns), SCRIPT, *args])
-
-
-def _start_serve(ns: Any, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*_in_ns(ns), SCRIPT, "serve", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    import signal
-
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return proc.returncode, err
+    return _subprocess([*in_ns(ns), SCRIPT, *args])
 
 
 @pytest.mark.privileged
@@ -660,7 +627,7 @@ def test_e2e_serve_steers_applies_toml_policy_and_cleans_up(netns: Any, tmp_path
     policy = write(
         tmp_path, "p.toml", '[[rule]]\nname = "no-8022"\nproto = "tcp"\nports = "8022"\naction = "drop"\n'
     )
-    proc = _start_serve(
+    proc = start_serve(
         netns, "--ports", "8000-8999", "--addr", "127.0.0.0/8", "--addr", "::1", "--policy", str(policy)
     )
     try:
@@ -679,7 +646,7 @@ def test_e2e_serve_steers_applies_toml_policy_and_cleans_up(netns: Any, tmp_path
             ("udp", "ipv6"),
         }
     finally:
-        code, err = _stop(proc)
+        code, err = stop(proc)
     assert code == 0, err
     assert "Traceback" not in err
     # serve loaded the dispatcher, so it unloaded it again: nothing attached or pinned is left.
@@ -688,7 +655,7 @@ def test_e2e_serve_steers_applies_toml_policy_and_cleans_up(netns: Any, tmp_path
 
 @pytest.mark.privileged
 def test_e2e_failed_serve_leaves_the_running_one_alone(netns: Any) -> None:
-    proc = _start_serve(netns, "--ports", "9000-9099", "--addr", "127.0.0.1", "--proto", "tcp")
+    proc = start_serve(netns, "--ports", "9000-9099", "--addr", "127.0.0.1", "--proto", "tcp")
     try:
         assert _wait_echo(netns, "tcp", "127.0.0.1", 9050, proc) == b"hello"
         before = _sp(netns, "bindings").stdout
@@ -703,20 +670,20 @@ def test_e2e_failed_serve_leaves_the_running_one_alone(netns: Any) -> None:
         assert third.returncode == 2 and "ip route add local" in third.stderr
         assert _sp(netns, "bindings").stdout == before
     finally:
-        code, err = _stop(proc)
+        code, err = stop(proc)
     assert code == 0, err
 
 
 @pytest.mark.privileged
 def test_e2e_workers_and_local_route(netns: Any) -> None:
     netns.ip("route", "add", "local", NON_LOCAL, "dev", "lo")
-    proc = _start_serve(netns, "--workers", "3", "--addr", NON_LOCAL, "--ports", "7000", "--proto", "tcp")
+    proc = start_serve(netns, "--workers", "3", "--addr", NON_LOCAL, "--ports", "7000", "--proto", "tcp")
     try:
         assert _wait_echo(netns, "tcp", "198.51.100.77", 7000, proc) == b"hello"
         for _ in range(20):
             assert _echo(netns, "tcp", "198.51.100.9", 7000) == b"hello"
     finally:
-        code, err = _stop(proc)
+        code, err = stop(proc)
     assert code == 0, err
     assert _sp(netns, "status").stdout == "dispatcher: not loaded\n"
 

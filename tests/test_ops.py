@@ -10,46 +10,30 @@ import io
 import json
 import logging
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _e2e import SCRIPT, in_ns, sockpolicy
 from click.testing import CliRunner
 
 from sockpolicy._cli import cli
 from sockpolicy._logging import JsonFormatter, setup_logging
 
-SCRIPT = str(Path(sys.executable).parent / "sockpolicy")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 # --- helpers (imported by the other ops tests) ----------------------------------------------------------
 
 
-def in_ns(ns: Any) -> list[str]:
-    nsenter = shutil.which("nsenter")
-    if nsenter is None:
-        pytest.skip("nsenter (util-linux) not installed")
-    return [nsenter, f"--net={ns.path}"]
-
-
 def sp(ns: Any, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run ``sockpolicy ARGS`` inside ``ns`` and wait for it."""
-    return subprocess.run(
-        [*in_ns(ns), SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        **kw,
-    )
+    return sockpolicy(ns, *args, **kw)
 
 
 def start(
