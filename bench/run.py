@@ -97,6 +97,16 @@ class Settings:
     profile_duration: float  # 0: no profile phase
     rtt_sizes: tuple[int, ...] = (64, 16384)
     bulk_streams: tuple[int, ...] = (1, 4)
+    #: ``--only``: measurement keys to run (``rtt_64``, ``bulk_1``, ``rate``, ``idle``, ``dispatcher``, ...);
+    #: empty: everything.  ``--candidates``: candidate names to measure; empty: all.
+    only: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ()
+
+    def wants(self, key: str) -> bool:
+        return not self.only or key in self.only
+
+    def measures(self, name: str) -> bool:
+        return not self.candidates or name in self.candidates
 
     @property
     def lookup_total(self) -> int:
@@ -703,14 +713,18 @@ def run_phase_a(env: Env, settings: Settings, results: dict[str, Any], say: Call
         data: dict[str, dict[str, list[dict[str, Any]]]] = {}
         results["data"] = data
         for key, names, fn in phase.measurements():
-            present = [n for n in names if phase.candidates[n].available]
+            if not settings.wants(key):
+                continue
+            present = [n for n in names if phase.candidates[n].available and settings.measures(n)]
             data[key] = {n: [] for n in present}
             for rnd in range(settings.rounds):
                 for name in present:  # interleaved: A B C D E, A B C D E, ...
                     data[key][name].append(_attempt(fn, phase.candidates[name], f"{key} {name}", say))
                 say(f"{key} round {rnd + 1}/{settings.rounds}: " + _brief(key, data[key]))
         idle_names = [
-            n for n in ("haproxy", "trio-copy", "sp-userspace", "sp-spliced") if phase.candidates[n].available
+            n
+            for n in ("haproxy", "trio-copy", "sp-userspace", "sp-spliced")
+            if phase.candidates[n].available and settings.measures(n) and settings.wants("idle")
         ]
         data["idle"] = {n: [] for n in idle_names}
         for rnd in range(settings.idle_rounds):
@@ -795,7 +809,7 @@ def profile_paths(env: Env, phase: PhaseA, duration: float, say: Callable[[str],
     pyspy = _find_pyspy()
     for name in ("sp-userspace", "sp-spliced", "trio-copy", "haproxy", "direct"):
         cand = phase.candidates.get(name)
-        if cand is None or not cand.available:
+        if cand is None or not cand.available or not phase.settings.measures(name):
             continue
         for load, spec in (
             ("rtt_64", {"mode": "rtt", "host": HOST, "port": cand.port, "size": 64, "duration": duration}),
@@ -1167,7 +1181,8 @@ def run(
             f"load average {results['machine']['loadavg_start']}"
         )
         run_phase_a(env, settings, results, say)
-        run_phase_b(env, settings, results, say)
+        if settings.wants("dispatcher"):
+            run_phase_b(env, settings, results, say)
     finally:
         env.cleanup()
     results["duration_s"] = time.monotonic() - t0
@@ -1203,6 +1218,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", type=float, metavar="SECONDS", help="profile phase length (full: 4)")
     parser.add_argument("--no-report", action="store_true", help="only write the JSON")
+    parser.add_argument(
+        "--only",
+        help="comma-separated measurements to run (rtt_64, rtt_16384, bulk_1, bulk_4, rate, rtt_64_xcpu, "
+        "bulk_1_xcpu, idle, dispatcher); implies --no-report",
+    )
+    parser.add_argument("--candidates", help="comma-separated candidates to measure (e.g. haproxy)")
     parser.add_argument("--install-trial", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1212,6 +1233,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = PRESETS[args.mode or "full"]
     if args.profile is not None:
         settings = dataclasses.replace(settings, profile_duration=args.profile)
+    if args.only:
+        settings = dataclasses.replace(settings, only=tuple(args.only.split(",")))
+        args.no_report = True  # a partial run would make a partial report
+    if args.candidates:
+        settings = dataclasses.replace(settings, candidates=tuple(args.candidates.split(",")))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_json = args.json or OUT / f"results-{settings.mode}-{stamp}.json"
     with _signals_exit():
