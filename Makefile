@@ -23,7 +23,9 @@ setup:
 run: setup
 	exec $(VENV)/bin/sockpolicy serve
 
+# The suite includes a smoke run of the benchmark harness, which needs HAProxy and matplotlib.
 test: setup
+	@bash bench/setup.sh
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: setup
