@@ -13,7 +13,7 @@ import trio
 from ._connection import Connection, Direction, Message
 from ._framers import Framer, RawFramer
 from ._match import AddrsSpec, Matcher, PortsSpec
-from ._verdicts import Verdict, check_verdict
+from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict, check_verdict
 
 __all__ = ["ConnectCallback", "MessageCallback", "Policy"]
 
@@ -22,6 +22,7 @@ log = logging.getLogger("sockpolicy.proxy")
 ConnectCallback = Callable[[Connection], Verdict | Awaitable[Verdict]]
 MessageCallback = Callable[[Connection, Message], Verdict | Awaitable[Verdict]]
 _C = TypeVar("_C", bound=Callable[..., Any])
+_VERDICT_CLASSES = frozenset((Pass, Drop, Redirect, Rewrite, Close, Splice))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +143,21 @@ async def run_callback(
         the caller closes the connection.
     """
     started = trio.current_time()
-    result = fn(*args)
+    return await settle_result(fn(*args), fn, started, timeout, default, conn, what)
+
+
+async def settle_result(
+    result: Any,
+    fn: Callable[..., Any],
+    started: float,
+    timeout: float,
+    default: Verdict,
+    conn: Connection,
+    what: str,
+) -> tuple[Verdict, bool]:
+    """The second half of :func:`run_callback`: ``result`` is what ``fn`` returned when called at
+    ``started`` (trio's clock).  An awaitable result is awaited under ``timeout``; a plain one that took
+    longer than ``timeout`` to compute is replaced by ``default``."""
     if inspect.isawaitable(result):
         with trio.move_on_after(timeout) as scope:
             result = await result
@@ -153,4 +168,6 @@ async def run_callback(
         # A plain function cannot be interrupted, but the documented semantics still hold.
         log.warning("%r: %s callback overran %.3gs; applying %r", conn, what, timeout, default)
         return default, True
+    if type(result) in _VERDICT_CLASSES:
+        return result, False
     return check_verdict(result, f"{what} callback {getattr(fn, '__qualname__', fn)!r}"), False

@@ -19,12 +19,12 @@ from typing import Any
 import trio
 
 from ._connection import Connection, Direction, Message, normalize_addr
-from ._context import RECV_SIZE, Context, log
-from ._framers import Framer, FramingError
-from ._policy import _MessageRule, run_callback
+from ._context import RECV_SIZE, Context, callback_name, log
+from ._framers import Framer, FramingError, RawFramer
+from ._policy import _MessageRule, run_callback, settle_result
 from ._splice import SpliceSocket, SpliceUnavailable, queued_total
 from ._streams import EchoStream, SockStream
-from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict
+from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict, verdict_kind
 
 __all__ = ["handle_tcp"]
 
@@ -48,6 +48,19 @@ def _full_rcvbuf() -> int:
 #: Tests only: awaited by each direction's pump once, after a splice request and before it first tells the
 #: kernel what it has forwarded -- a window in which the kernel is PENDING and userspace lags behind.
 SPLICE_SWITCH_HOOK: Callable[[], Awaitable[None]] | None = None
+
+
+_KINDS = {kind: verdict_kind(kind.__new__(kind)) for kind in (Pass, Drop, Redirect, Rewrite, Close, Splice)}
+
+
+def _kind(verdict: Verdict) -> str:
+    """:func:`verdict_kind`, without building the string for the built-in classes."""
+    return _KINDS.get(type(verdict)) or verdict_kind(verdict)
+
+
+def _raw_limit(framer: Framer | None) -> int:
+    """For a plain :class:`RawFramer`: its ``max_size`` (a chunk up to it is one message); else 0."""
+    return framer.limit if type(framer) is RawFramer else 0
 
 
 class _Leg:
@@ -124,6 +137,11 @@ class _TcpSession:
         }  # peeked, forwarded, still queued
         self.pumps = 0  # pumps running
         self.watchdog = trio.CancelScope()
+        # -- idle timeout: one watcher task per connection; the relay only stamps the time of activity --
+        self.idle_timeout = ctx.idle_timeout if ctx.idle_timeout > 0 else 0.0
+        self.last_active = 0.0
+        self.idle_scope = trio.CancelScope()
+        self.names: dict[Callable[..., Any], str] = {}  # callback -> its metrics name (callback_name)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -144,6 +162,8 @@ class _TcpSession:
                         nursery.start_soon(self._guard, self._pump_leg, leg)
                     if self.splicing:
                         nursery.start_soon(self._splice_watchdog)
+                    if self.idle_timeout:
+                        nursery.start_soon(self._idle_watchdog)
             if self.end is not None:
                 reset = self.end.reset
                 level = log.warning if self.end.error else log.info
@@ -240,8 +260,19 @@ class _TcpSession:
 
     def _touch(self) -> None:
         # Idle timeout = a deadline on the whole relay, pushed forward by every byte either way.
-        timeout = self.ctx.idle_timeout
-        self.scope.deadline = trio.current_time() + timeout if timeout > 0 else math.inf
+        if self.idle_timeout:
+            self.last_active = trio.current_time()
+
+    async def _idle_watchdog(self) -> None:
+        """End the relay (``self.scope`` cancelled) once nothing moved for ``idle_timeout``."""
+        timeout = self.idle_timeout
+        with self.idle_scope:
+            while True:
+                deadline = self.last_active + timeout
+                if trio.current_time() >= deadline:
+                    self.scope.cancel()
+                    return
+                await trio.sleep_until(deadline)
 
     async def _guard(self, pump: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a pump; turn whatever ends it abnormally into a session end (never a server crash)."""
@@ -251,6 +282,7 @@ class _TcpSession:
             self.pumps -= 1
             if not self.pumps:
                 self.watchdog.cancel()  # nothing left to watch: let the session end
+                self.idle_scope.cancel()
         except _End as end:
             self._finish(end)
         except (ConnectionResetError, BrokenPipeError) as exc:
@@ -283,31 +315,71 @@ class _TcpSession:
         ctx.stats.count_callback(fn, verdict)  # ops: per-callback verdict metrics
         return verdict
 
+    async def _on_message(self, fn: Callable[..., Any], msg: Message) -> Verdict:
+        """:meth:`_callback` for on_message, without awaiting when the callback is a plain function.
+
+        The same semantics (see :func:`run_callback`): an overrun is measured on trio's clock and
+        replaces the verdict by ``inspect_default``; an awaitable result runs under ``inspect_timeout``.
+        """
+        ctx = self.ctx
+        started = trio.current_time()
+        result = fn(self.conn, msg)
+        kind = _KINDS.get(type(result))
+        if kind is None or trio.current_time() - started > ctx.inspect_timeout:
+            # Awaitable, overran, not a verdict, or a subclass: the general path.
+            verdict, timed_out = await settle_result(
+                result, fn, started, ctx.inspect_timeout, ctx.inspect_default, self.conn, "on_message"
+            )
+            if timed_out:
+                ctx.stats.inspect_timeouts += 1
+            kind = _kind(verdict)
+        else:
+            verdict = result
+        stats = ctx.stats
+        name = self.names.get(fn)
+        if name is None:
+            name = self.names[fn] = callback_name(fn)
+        stats.callback_verdicts[name, kind] += 1  # ops: per-callback verdict metrics (count_callback)
+        stats.verdicts[kind] += 1  # count_verdict
+        return verdict
+
     # -- client -> upstream ------------------------------------------------------------------------
 
     async def _pump_client(self) -> None:
         stats = self.ctx.stats
         up = Direction.TO_UPSTREAM
         assert self.primary is not None
+        client = self.client
+        wake = self._needs_wake(up)
         while True:
-            await self._flush_raw(up)
-            data = await self._receive(self.client, up)
-            if data is None:
-                continue  # woken to flush the framer after a splice request
+            if self.raw:
+                await self._flush_raw(up)
+            if wake or self.splicing:
+                data = await self._receive(client, up)
+                if data is None:
+                    continue  # woken to flush the framer after a splice request
+            else:
+                data = await client.receive(RECV_SIZE)
             if not data:
                 break
-            self._touch()
-            stats.bytes_from_client += len(data)
-            self.read[up] += len(data)
-            if self.up_framer is None or self.raw:
+            if self.idle_timeout:
+                self._touch()
+            size = len(data)
+            stats.bytes_from_client += size
+            self.read[up] += size
+            framer = self.up_framer
+            if framer is None or self.raw:
                 await self._send_up(self.primary, data)
+            elif size <= _raw_limit(framer):
+                await self._message_up(data)  # RawFramer: the chunk is the message
             else:
-                for msg in _frame(self.up_framer, data):
+                for msg in _frame(framer, data):
                     if self.raw:  # a Splice verdict earlier in this chunk: the rest goes uninspected
                         await self._send_up(self.primary, msg)
                     else:
                         await self._message_up(msg)
-            await self._flush_raw(up)
+            if self.raw:
+                await self._flush_raw(up)
         framer, self.up_framer = self.up_framer, None
         if framer is not None and (rest := framer.eof()):
             if self.raw:
@@ -334,9 +406,10 @@ class _TcpSession:
     async def _message_up(self, data: bytes) -> None:
         assert self.up_rule is not None and self.primary is not None
         msg = self._message(data, Direction.TO_UPSTREAM)
-        verdict = await self._callback(self.up_rule.fn, (self.conn, msg), "on_message")
-        self.ctx.stats.count_verdict(verdict)
-        if isinstance(verdict, Splice | Pass):
+        verdict = await self._on_message(self.up_rule.fn, msg)
+        if type(verdict) is Pass and not verdict.splice:
+            await self._send_up(self.primary, data)
+        elif isinstance(verdict, Splice | Pass):
             if verdict.splice:
                 self._request_splice(f"on_message (message {msg.index} to upstream)")
             await self._send_up(self.primary, data)
@@ -359,27 +432,37 @@ class _TcpSession:
         stats = self.ctx.stats
         down = Direction.TO_CLIENT
         primary = leg is self.primary  # only the primary leg can be spliced
+        stream = leg.stream
+        wake = primary and self._needs_wake(down)
         while True:
-            if primary:
+            if primary and self.raw:
                 await self._flush_raw(down)
-            data = await (self._receive(leg.stream, down) if primary else leg.stream.receive(RECV_SIZE))
-            if data is None:
-                continue
+            if primary and (wake or self.splicing):
+                data = await self._receive(stream, down)
+                if data is None:
+                    continue
+            else:
+                data = await stream.receive(RECV_SIZE)
             if not data:
                 break
-            self._touch()
-            stats.bytes_from_upstream += len(data)
+            if self.idle_timeout:
+                self._touch()
+            size = len(data)
+            stats.bytes_from_upstream += size
             if primary:
-                self.read[down] += len(data)
-            if leg.framer is None or self.raw:
+                self.read[down] += size
+            framer = leg.framer
+            if framer is None or self.raw:
                 await self._send_client(data)
+            elif size <= _raw_limit(framer):
+                await self._message_down(data)  # RawFramer: the chunk is the message
             else:
-                for msg in _frame(leg.framer, data):
+                for msg in _frame(framer, data):
                     if self.raw:
                         await self._send_client(msg)
                     else:
                         await self._message_down(msg)
-            if primary:
+            if primary and self.raw:
                 await self._flush_raw(down)
         framer, leg.framer = leg.framer, None
         if framer is not None and (rest := framer.eof()):
@@ -395,11 +478,22 @@ class _TcpSession:
             self.client.send_eof()
 
     async def _send_client(self, data: bytes) -> None:
-        async with self.client_lock:
-            slot = self.client_slot
-            if slot is not None and self.splicing:
-                await self._wait_drained(slot, self.upstream_slot, self.client)
-            await self.client.send_all(data)
+        slot = self.client_slot
+        lock = self.client_lock
+        if lock.locked() or (self.splicing and slot is not None):
+            async with lock:
+                if slot is not None and self.splicing:
+                    await self._wait_drained(slot, self.upstream_slot, self.client)
+                await self.client.send_all(data)
+                if slot is not None:
+                    slot.written += len(data)
+        else:
+            # Nobody is writing to the client: what the socket takes now cannot interleave with another
+            # leg's message (no await); only a remainder has to wait, holding the lock.
+            sent = self.client.send_now(data)
+            if sent < len(data):
+                async with lock:
+                    await self.client.send_all(memoryview(data)[sent:])
             if slot is not None:
                 slot.written += len(data)
         self.ctx.stats.bytes_to_client += len(data)
@@ -407,9 +501,10 @@ class _TcpSession:
     async def _message_down(self, data: bytes) -> None:
         assert self.down_rule is not None
         msg = self._message(data, Direction.TO_CLIENT)
-        verdict = await self._callback(self.down_rule.fn, (self.conn, msg), "on_message")
-        self.ctx.stats.count_verdict(verdict)
-        if isinstance(verdict, Splice | Pass):
+        verdict = await self._on_message(self.down_rule.fn, msg)
+        if type(verdict) is Pass and not verdict.splice:
+            await self._send_client(data)
+        elif isinstance(verdict, Splice | Pass):
             if verdict.splice:
                 self._request_splice(f"on_message (message {msg.index} to client)")
             await self._send_client(data)
@@ -494,6 +589,15 @@ class _TcpSession:
         # A pump blocked in receive() may hold a framer's partial message: wake it to forward that now.
         for scope in self.wake.values():
             scope.cancel()
+
+    def _needs_wake(self, direction: Direction) -> bool:
+        """Whether a splice request must interrupt this direction's receive: the kernel may take over
+        (both slots claimed), or the framer may hold the start of a message that must be flushed."""
+        if self.client_slot is not None and self.upstream_slot is not None:
+            return True
+        assert self.primary is not None
+        framer = self.up_framer if direction is Direction.TO_UPSTREAM else self.primary.framer
+        return framer is not None and type(framer) is not RawFramer
 
     async def _receive(self, stream: Stream, direction: Direction) -> bytes | None:
         """``stream.receive``; ``None`` if a splice request woke us (trio cancels before the syscall
