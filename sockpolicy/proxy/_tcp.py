@@ -116,7 +116,8 @@ class _TcpSession:
         self.up_rule: _MessageRule | None = None
         self.down_rule: _MessageRule | None = None
         self.up_framer: Framer | None = None
-        self.index = {Direction.TO_UPSTREAM: 0, Direction.TO_CLIENT: 0}
+        self.next_up = 0  # Message.index of the next message to upstream
+        self.next_down = 0  # ... and to the client
         self.client_lock = trio.Lock()  # several legs may write to the client; keep messages whole
         self.scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
@@ -142,6 +143,8 @@ class _TcpSession:
         self.last_active = 0.0
         self.idle_scope = trio.CancelScope()
         self.names: dict[Callable[..., Any], str] = {}  # callback -> its metrics name (callback_name)
+        self.now = trio.lowlevel.current_clock().current_time  # trio.current_time, one call less
+        self.pending: tuple[Any, float] | None = None  # see _verdict_now
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -315,33 +318,43 @@ class _TcpSession:
         ctx.stats.count_callback(fn, verdict)  # ops: per-callback verdict metrics
         return verdict
 
-    async def _on_message(self, fn: Callable[..., Any], msg: Message) -> Verdict:
-        """:meth:`_callback` for on_message, without awaiting when the callback is a plain function.
+    def _verdict_now(self, fn: Callable[..., Any], msg: Message) -> Verdict | None:
+        """Call an on_message callback (as :meth:`_callback`); its verdict, counted, if a plain function
+        returned a built-in one in time.  Else ``None``: :meth:`_verdict_later` settles what it returned
+        (awaitable, overrun, not a verdict, a subclass).
 
-        The same semantics (see :func:`run_callback`): an overrun is measured on trio's clock and
-        replaces the verdict by ``inspect_default``; an awaitable result runs under ``inspect_timeout``.
+        The same semantics as :func:`run_callback`: an overrun is measured on trio's clock and replaces
+        the verdict by ``inspect_default``; an awaitable result runs under ``inspect_timeout``.
         """
-        ctx = self.ctx
-        started = trio.current_time()
+        now = self.now
+        started = now()
         result = fn(self.conn, msg)
         kind = _KINDS.get(type(result))
-        if kind is None or trio.current_time() - started > ctx.inspect_timeout:
-            # Awaitable, overran, not a verdict, or a subclass: the general path.
-            verdict, timed_out = await settle_result(
-                result, fn, started, ctx.inspect_timeout, ctx.inspect_default, self.conn, "on_message"
-            )
-            if timed_out:
-                ctx.stats.inspect_timeouts += 1
-            kind = _kind(verdict)
-        else:
-            verdict = result
-        stats = ctx.stats
+        if kind is None or now() - started > self.ctx.inspect_timeout:
+            self.pending = (result, started)
+            return None
+        self._count(fn, kind)
+        return result
+
+    async def _verdict_later(self, fn: Callable[..., Any]) -> Verdict:
+        ctx = self.ctx
+        (result, started), self.pending = self.pending, None
+        verdict, timed_out = await settle_result(
+            result, fn, started, ctx.inspect_timeout, ctx.inspect_default, self.conn, "on_message"
+        )
+        if timed_out:
+            ctx.stats.inspect_timeouts += 1
+        self._count(fn, _kind(verdict))
+        return verdict
+
+    def _count(self, fn: Callable[..., Any], kind: str) -> None:
+        """``stats.count_callback`` and ``stats.count_verdict``, with the callback's name looked up once."""
+        stats = self.ctx.stats
         name = self.names.get(fn)
         if name is None:
             name = self.names[fn] = callback_name(fn)
-        stats.callback_verdicts[name, kind] += 1  # ops: per-callback verdict metrics (count_callback)
-        stats.verdicts[kind] += 1  # count_verdict
-        return verdict
+        stats.callback_verdicts[name, kind] += 1  # ops: per-callback verdict metrics
+        stats.verdicts[kind] += 1
 
     # -- client -> upstream ------------------------------------------------------------------------
 
@@ -398,15 +411,23 @@ class _TcpSession:
         if slot is not None and self.splicing:
             # After a throttle the kernel may still be delivering redirected bytes: queue ours behind them.
             await self._wait_drained(slot, self.client_slot, leg.stream)
-        await leg.stream.send_all(data)
+        stream = leg.stream
+        sent = stream.send_now(data)  # usually all of it, without awaiting
+        if sent < len(data):
+            await stream.send_all(memoryview(data)[sent:])
         if slot is not None:
             slot.written += len(data)  # the verdict's backlog arithmetic counts every byte we queue
         self.ctx.stats.bytes_to_upstream += len(data)
 
     async def _message_up(self, data: bytes) -> None:
         assert self.up_rule is not None and self.primary is not None
-        msg = self._message(data, Direction.TO_UPSTREAM)
-        verdict = await self._on_message(self.up_rule.fn, msg)
+        index = self.next_up
+        self.next_up = index + 1
+        msg = Message(data, Direction.TO_UPSTREAM, index, self.conn)
+        fn = self.up_rule.fn
+        verdict = self._verdict_now(fn, msg)
+        if verdict is None:
+            verdict = await self._verdict_later(fn)
         if type(verdict) is Pass and not verdict.splice:
             await self._send_up(self.primary, data)
         elif isinstance(verdict, Splice | Pass):
@@ -420,11 +441,6 @@ class _TcpSession:
         elif isinstance(verdict, Close):
             raise _End(f"on_message verdict Close (message {msg.index} to upstream)", reset=False)
         # Drop: nothing leaves.
-
-    def _message(self, data: bytes, direction: Direction) -> Message:
-        index = self.index[direction]
-        self.index[direction] = index + 1
-        return Message(data, direction, index, self.conn)
 
     # -- upstream -> client ------------------------------------------------------------------------
 
@@ -500,8 +516,13 @@ class _TcpSession:
 
     async def _message_down(self, data: bytes) -> None:
         assert self.down_rule is not None
-        msg = self._message(data, Direction.TO_CLIENT)
-        verdict = await self._on_message(self.down_rule.fn, msg)
+        index = self.next_down
+        self.next_down = index + 1
+        msg = Message(data, Direction.TO_CLIENT, index, self.conn)
+        fn = self.down_rule.fn
+        verdict = self._verdict_now(fn, msg)
+        if verdict is None:
+            verdict = await self._verdict_later(fn)
         if type(verdict) is Pass and not verdict.splice:
             await self._send_client(data)
         elif isinstance(verdict, Splice | Pass):
