@@ -804,6 +804,8 @@ _MAP_NAMES = (
     "sources",
     "pulls",
 )
+# Maps a pinned state made by an older version may lack (opened when present).
+_OPTIONAL_MAP_NAMES = ("frames",)
 
 
 class Enforcer:
@@ -847,10 +849,10 @@ class Enforcer:
     @staticmethod
     def _load(max_sockets: int) -> dict[str, Map]:
         spec = ObjectSpec.from_package("rules")
-        spec.max_entries = {"policy": max_sockets, "framed": max_sockets}
+        spec.max_entries = {"policy": max_sockets, "framed": max_sockets, "frames": max_sockets}
         obj = spec.load()
         try:
-            maps = {name: obj.take_map(name) for name in _MAP_NAMES}
+            maps = {name: obj.take_map(name) for name in (*_MAP_NAMES, *_OPTIONAL_MAP_NAMES)}
             attachments = [
                 obj.programs["rules_msg"].attach_map(maps["policy"], AttachType.SK_MSG_VERDICT),
                 obj.programs["rules_parser"].attach_map(maps["framed"], AttachType.SK_SKB_STREAM_PARSER),
@@ -900,6 +902,10 @@ class Enforcer:
             for name in _MAP_NAMES:
                 maps[name] = Map.from_pin(directory / name)
                 maps[name].name = name
+            for name in _OPTIONAL_MAP_NAMES:
+                with contextlib.suppress(_errors.KeyNotFound):
+                    maps[name] = Map.from_pin(directory / name)
+                    maps[name].name = name
         except _errors.KeyNotFound:
             for m in maps.values():
                 m.close()
@@ -963,8 +969,15 @@ class Enforcer:
         if send:
             self._maps["policy"].update(key, fd)
         if framed:
+            self._forget_frame_position(key)  # its stream may have been read unframed meanwhile
             self._maps["framed"].update(key, fd)
         return cookie
+
+    def _forget_frame_position(self, key: bytes) -> None:
+        frames = self._maps.get("frames")
+        if frames is not None:
+            with contextlib.suppress(_errors.KeyNotFound, _errors.InvalidArgument):
+                frames.delete(key)
 
     def unenrol(self, sock: socket.socket | int) -> None:
         """Take a socket out of ``policy`` and ``framed`` (absent is fine)."""
@@ -972,6 +985,7 @@ class Enforcer:
         for name in ("policy", "framed"):
             with contextlib.suppress(_errors.KeyNotFound, _errors.InvalidArgument):
                 self._maps[name].delete(key)
+        self._forget_frame_position(key)
 
     def enrolled(self, which: str = "policy") -> list[int]:
         """Cookies of the sockets in ``policy`` (or ``framed``)."""
@@ -1190,6 +1204,16 @@ class Enforcer:
         (``bpf_msg_pull_data``), and how often that failed."""
         m = self._maps["pulls"]
         return tuple(struct.unpack("<Q", m.lookup(struct.pack("<I", i)))[0] for i in range(2))  # type: ignore[return-value]
+
+    def frame_resyncs(self) -> int:
+        """How often the framed-receive programs lost track of where the current frame starts in the skb
+        they were given (no per-socket position, or one inconsistent with the skb) and judged from the
+        skb's start instead.  0 in normal operation; see docs/rules.md."""
+        m = self._maps["pulls"]
+        try:
+            return struct.unpack("<Q", m.lookup(struct.pack("<I", 2)))[0]  # type: ignore[no-any-return]
+        except (_errors.KeyNotFound, _errors.InvalidArgument):
+            return 0  # pinned by a version without the counter
 
     def ruleset(self) -> RuleSet | None:
         """The active rule set, as loaded (None when none was ever loaded)."""
