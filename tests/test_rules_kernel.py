@@ -13,7 +13,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -520,15 +520,18 @@ def check_typed_delivery(
     one: socket.socket,
     server: socket.socket,
     at: int = 4,
+    earlier: Sequence[bytes] = (),
 ) -> None:
     """Byte-exact: type-1 frames at "one", type-3 frames nowhere, the rest at ``server``, in order;
-    every frame counted once, with its own length."""
+    every frame (and every ``earlier`` one, already read) counted once, with its own length."""
     kinds = [f[at] for f in frames]
     to_one = b"".join(f for f, k in zip(frames, kinds, strict=True) if k == 1)
     to_server = b"".join(f for f, k in zip(frames, kinds, strict=True) if k not in (1, 3))
     assert read_exact(one, len(to_one)) == to_one
     assert read_exact(server, len(to_server)) == to_server
     assert nothing_arrives(one) and nothing_arrives(server)
+    frames = [*earlier, *frames]
+    kinds = [f[at] for f in frames]
     stats = enforcer.stats()
     for name, kind in (("t1", 1), ("t3", 3)):
         mine = [f for f, k in zip(frames, kinds, strict=True) if k == kind]
@@ -588,6 +591,22 @@ def test_framed_u16_at_offset_sharing_segments(enforcer: Enforcer, pairs: list[s
     time.sleep(0.05)
     client.sendall(b"".join(frames[5:]))
     check_typed_delivery(enforcer, frames, one, server, at=5)
+
+
+def test_framed_reenrol_after_unframed_reads(enforcer: Enforcer, pairs: list[socket.socket]) -> None:
+    """Unenrol, read unframed bytes, enrol again: the old frame position is forgotten, the next frames
+    are found from the first byte strparser reads (no resync, every frame judged by its own type)."""
+    client, server, one = typed_setup(enforcer, pairs, type_rules())
+    first = [frame(k, pattern(20, seed=k)) for k in (2, 1, 4)]
+    client.sendall(b"".join(first))
+    check_typed_delivery(enforcer, first, one, server)
+    enforcer.unenrol(server)
+    client.sendall(b"unframed")
+    assert read_exact(server, 8) == b"unframed"
+    enforcer.enrol(server, send=False, framed=True)
+    second = [frame(k, pattern(30, seed=k)) for k in (1, 3, 2, 1)]
+    client.sendall(b"".join(second))
+    check_typed_delivery(enforcer, second, one, server, earlier=first)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
