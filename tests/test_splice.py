@@ -371,7 +371,18 @@ async def test_client_sends_before_accept(netns: NetNS) -> None:
     assert stats["serve"]["bytes_spliced"] > 0, stats
 
 
-@pytest.mark.parametrize("policy", ["message", "down"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "message",
+        # Known bug, open in issue 4: about 1 run in 10 (before and after the hot-path rewrite) the client
+        # sees ECONNRESET when the upstream speaks first and the switch is paused while both directions
+        # stream.  Not strict, so the other 9 runs still check the bytes; remove once fixed.
+        pytest.param(
+            "down", marks=pytest.mark.xfail(strict=False, raises=ConnectionResetError, reason="issue 4")
+        ),
+    ],
+)
 async def test_switch_paused_while_both_stream(netns: NetNS, policy: str) -> None:
     """Splice() from on_message, mid-chunk, with the switch held open while both sides keep sending.
 
