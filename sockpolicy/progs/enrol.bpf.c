@@ -12,20 +12,8 @@
 #define ENROL_POLICY 1 // enrol into `policy` (sendmsg rules)
 #define ENROL_FRAMED 2 // enrol into `framed` (received framed-message rules)
 
-// Identical to the definitions in rules.bpf.c; the loader passes the rules object's maps.
-struct {
-    __uint(type, BPF_MAP_TYPE_SOCKHASH);
-    __uint(max_entries, 65536);
-    __type(key, __u64);
-    __type(value, __u64);
-} policy SEC(".maps");
-
-struct {
-    __uint(type, BPF_MAP_TYPE_SOCKHASH);
-    __uint(max_entries, 65536);
-    __type(key, __u64);
-    __type(value, __u64);
-} framed SEC(".maps");
+// The loader passes the rules object's maps (same definitions, one header).
+#include "enrol_maps.h"
 
 // [0]: ENROL_* flags for this attachment (one object is loaded per cgroup).
 struct {

@@ -104,21 +104,7 @@ struct {
     __type(value, struct counter);
 } counters SEC(".maps");
 
-// Sockets whose sendmsg calls are policed, keyed by socket cookie (SO_COOKIE).
-struct {
-    __uint(type, BPF_MAP_TYPE_SOCKHASH);
-    __uint(max_entries, 65536);
-    __type(key, __u64);
-    __type(value, __u64);
-} policy SEC(".maps");
-
-// Sockets whose received byte stream is split into frames and policed, keyed by socket cookie.
-struct {
-    __uint(type, BPF_MAP_TYPE_SOCKHASH);
-    __uint(max_entries, 65536);
-    __type(key, __u64);
-    __type(value, __u64);
-} framed SEC(".maps");
+#include "enrol_maps.h"
 
 // Redirect targets, keyed by label id (crc32 of the label's name).
 struct {
