@@ -12,14 +12,22 @@ unframed message on a spliced connection is one received skb (see docs/splice.md
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from _e2e import sockpolicy as cli
+from _e2e import stop
 from _harness import NetNS
 from test_splice import TIMEOUT, assert_clean, client_sockets, exchange, proxy_process, upstream_server
+from test_splice_cli import EchoUpstream as ThreadedEchoUpstream
+from test_splice_cli import connect, serve_args, start, wait_for
 
 from sockpolicy._rules import Enforcer, Framing, GenerationStats, Rule, RuleSet
 
@@ -311,3 +319,74 @@ async def test_framed_rule_set_is_not_applied_per_skb(netns: NetNS) -> None:
     assert_clean(stats)
     assert stats["kernel"]["rule_dropped"] == 0 and stats["kernel"]["rules_framed"] >= 2, stats["kernel"]
     assert "is framed: spliced connections are not judged" in log, log
+
+
+# ---------------------------------------------------------------------------------------------------------
+# from the command line: sockpolicy enforce, then sockpolicy serve --splice in the same namespace
+
+
+def _cli_rules(ns: Any) -> dict[str, Any]:
+    result = cli(ns, "rules", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _cli_count(ns: Any, rule: str) -> int:
+    return next(r["msgs"] for r in _cli_rules(ns)["counters"]["rules"] if r["name"] == rule)
+
+
+def test_cli_enforce_then_serve_splice(netns: Any, tmp_path: Path) -> None:
+    """``sockpolicy enforce --rules`` then ``serve --splice``: a drop rule removes exactly the matching
+    messages of a spliced connection, ``sockpolicy rules`` counts them, a replacement with
+    ``enforce --rules`` takes effect on the open connection, and ``enforce --unload`` stops the rules."""
+    drop_toml = tmp_path / "drop.toml"
+    drop_toml.write_text('[[rule]]\nname = "no-drop"\nverdict = "Drop"\nprefix = "DROP"\n')
+    pass_toml = tmp_path / "pass.toml"
+    pass_toml.write_text('[[rule]]\nname = "tagged"\nverdict = "Pass"\nprefix = "DROP"\n')
+    up = ThreadedEchoUpstream(netns)
+    log = tmp_path / "serve.log"
+    result = cli(netns, "enforce", "--rules", str(drop_toml))
+    assert result.returncode == 0, result.stderr
+    proc = start(netns, log, *serve_args(up))  # type: ignore[arg-type]
+    try:
+        with connect(netns) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(20)
+
+            def keep(line: bytes) -> None:
+                sock.sendall(line)
+                got = b""
+                while len(got) < len(line):
+                    chunk = sock.recv(len(line) - len(got))
+                    assert chunk, "EOF"
+                    got += chunk
+                assert got == line
+
+            for i in range(5):
+                keep(b"keep %d\n" % i)
+                sock.sendall(b"DROP %d\n" % i)
+                wait_for(f"drop {i}", lambda i=i: _cli_count(netns, "no-drop") == i + 1)
+            keep(b"keep 5\n")
+            status = _cli_rules(netns)
+            assert status["counters"]["unmatched"]["msgs"] == 2 * 6, status  # 6 requests, 6 echoes
+            # Replaced while the connection is open (and spliced): the same message now passes.
+            result = cli(netns, "enforce", "--rules", str(pass_toml))
+            assert result.returncode == 0, result.stderr
+            keep(b"DROP 6\n")
+            assert _cli_count(netns, "tagged") == 2  # the request and its echo
+            # Unloaded: the splicer keeps the (now empty) tables, and judges nothing more.
+            result = cli(netns, "enforce", "--unload")
+            assert result.returncode == 0, result.stderr
+            keep(b"DROP 7\n")
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+    finally:
+        code, _ = stop(proc)
+        cli(netns, "unload")
+        cli(netns, "enforce", "--unload")
+        up.close()
+    text = log.read_text()
+    assert code == 0, text
+    assert "splice: kernel rules apply to received messages (generation 1)" in text, text
+    assert re.search(r"splice: 1 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace", text), text
+    assert "Traceback" not in text
