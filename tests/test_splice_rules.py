@@ -165,6 +165,9 @@ async def test_drop_rules_before_and_after_the_switch(netns: NetNS) -> None:
                     sock.close()
                     stats = await px.wait_idle()
             final = enforcer.stats()
+            # The splice enrols its own sockets: nothing entered the rules' socket maps.
+            assert enforcer.enrolled() == [] and enforcer.enrolled("framed") == []
+            assert enforcer.labelled() == []
     assert_clean(stats)
     assert stats["splicer"]["spliced"] == 1
     sent_up = b"".join(

@@ -27,13 +27,16 @@ import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from sockpolicy import _errors
 from sockpolicy._objects import AttachType, Link, Map, MapAttachment, ObjectSpec
 from sockpolicy.maps import U32, U64, Hash, cookie_of
+
+if TYPE_CHECKING:
+    from sockpolicy._rules import Enforcer
 
 __all__ = ["SPLICE_DISABLE_ENV", "SpliceSocket", "SpliceStats", "SpliceUnavailable", "Splicer"]
 
@@ -287,7 +290,7 @@ class Splicer:
         *,
         backlog_high: int = BACKLOG_HIGH,
         backlog_low: int = BACKLOG_LOW,
-        rules: Any = AUTO,
+        rules: Enforcer | str | None = AUTO,
     ) -> Splicer:
         """Load the programs, create the cgroup, move this process into it and attach.
 
@@ -313,7 +316,9 @@ class Splicer:
             raise
         return self
 
-    def _open(self, cgroup: str | os.PathLike[str] | None, high: int, low: int, rules: Any) -> None:
+    def _open(
+        self, cgroup: str | os.PathLike[str] | None, high: int, low: int, rules: Enforcer | str | None
+    ) -> None:
         disabled = _disabled()
         root = _cgroup2_root()
         if "cgroup" in disabled or root is None:
@@ -566,12 +571,14 @@ class Splicer:
         return result
 
 
-def _rules_enforcer(rules: Any) -> tuple[Any, bool]:
+def _rules_enforcer(rules: Enforcer | str | None) -> tuple[Enforcer | None, bool]:
     """``(enforcer or None, whether this call opened it)`` for :meth:`Splicer.open`'s ``rules``."""
     if rules is None:
         return None, False
-    if rules != AUTO:
+    if not isinstance(rules, str):
         return rules, False
+    if rules != AUTO:
+        raise ValueError(f"Splicer.open(rules={rules!r}): use an Enforcer, AUTO or None")
     from sockpolicy._rules import Enforcer
 
     try:
@@ -580,7 +587,7 @@ def _rules_enforcer(rules: Any) -> tuple[Any, bool]:
         return None, False
 
 
-def _log_rules(enforcer: Any) -> None:
+def _log_rules(enforcer: Enforcer) -> None:
     ruleset = enforcer.ruleset()
     gen = enforcer.generation
     log.info("splice: kernel rules apply to received messages (generation %d)", gen)
