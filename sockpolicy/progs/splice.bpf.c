@@ -36,7 +36,7 @@ struct tcp_sock {
 #define MODE_SPLICED 2 // every skb is redirected to the peer (set by the verdict only)
 
 #define CONN_SLOTS 32768 // max_entries of `conns`; a power of two
-#define PROBES 8       // slots tried per socket, starting at cookie % CONN_SLOTS
+#define PROBES 8         // slots tried per socket, starting at cookie % CONN_SLOTS
 
 #define STAT_ENROLLED 0      // sockets given a slot and put into `socks`
 #define STAT_NO_SLOT 1       // no free slot among PROBES: the socket stays out of `socks`
