@@ -29,6 +29,7 @@ from test_splice import TIMEOUT, assert_clean, client_sockets, exchange, proxy_p
 from test_splice_cli import EchoUpstream as ThreadedEchoUpstream
 from test_splice_cli import connect, serve_args, start, wait_for
 
+from sockpolicy._objects import Map, MapType
 from sockpolicy._rules import Enforcer, Framing, GenerationStats, Rule, RuleSet
 
 pytestmark = pytest.mark.privileged
@@ -328,6 +329,24 @@ async def test_framed_rule_set_is_not_applied_per_skb(netns: NetNS) -> None:
     assert_clean(stats)
     assert stats["kernel"]["rule_dropped"] == 0 and stats["kernel"]["rules_framed"] >= 2, stats["kernel"]
     assert "is framed: spliced connections are not judged" in log, log
+
+
+async def test_rules_that_cannot_be_shared_disable_splicing(netns: NetNS) -> None:
+    """Pinned rules whose maps do not fit the splice program (here a ``targets`` map of another size, as
+    an incompatible version would leave): the splicer refuses with feature ``rules`` rather than splice
+    past the rules, and the proxy relays in userspace, byte-exact."""
+    with pinned_rules(netns, RuleSet((Rule("Pass", name="all"),))) as enforcer:
+        assert enforcer.directory is not None
+        (enforcer.directory / "targets").unlink()
+        with Map.create(MapType.SOCKHASH, 4, 8, 16) as other:
+            other.pin(enforcer.directory / "targets")
+        async with upstream_server(netns) as up, proxy_process(netns, up, "--policy", "connect") as px:
+            assert px.splice_reason is not None
+            assert "the kernel rules' map 'targets'" in px.splice_reason, px.splice_reason
+            with trio.fail_after(TIMEOUT):
+                [sock] = client_sockets(netns, 1)
+                await exchange(sock, px.addr, 4, 100_000, 100_000)
+    assert up.errors == [] and up.results == {4: 100_000}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -331,6 +331,7 @@ class Splicer:
         enforcer, owned = _rules_enforcer(rules)
         try:
             if enforcer is not None:
+                _check_rule_maps(spec, enforcer)
                 spec.reuse_maps = {name: enforcer.map(name) for name in RULE_MAPS}
             try:
                 obj = spec.load()
@@ -585,6 +586,33 @@ def _rules_enforcer(rules: Enforcer | str | None) -> tuple[Enforcer | None, bool
         return Enforcer.open(), True
     except _errors.NotLoaded:
         return None, False
+
+
+def _check_rule_maps(spec: ObjectSpec, enforcer: Enforcer) -> None:
+    """Refuse (feature ``rules``) when a shared map differs from the splice program's definition of it.
+
+    libbpf's reuse of a map fd does not compare the definitions, and the verifier only checks accesses
+    against the map it is given: rule tables of another layout (state pinned by another sockpolicy
+    version) could load and then be misread.
+    """
+    from sockpolicy import _libbpf
+
+    handle = _libbpf.object_open(str(spec.path))
+    try:
+        wanted = {d.name: d for d in map(_libbpf.map_describe, _libbpf.object_maps(handle))}
+    finally:
+        _libbpf.object_close(handle)
+    for name in RULE_MAPS:
+        want, have = wanted[name], enforcer.map(name)
+        expected = (want.type, want.key_size, want.value_size, want.max_entries)
+        actual = (int(have.type), have.key_size, have.value_size, have.max_entries)
+        if expected != actual:
+            raise SpliceUnavailable(
+                "rules",
+                f"the kernel rules' map {name!r} (type, key, value, entries {actual}) does not match the "
+                f"splice program's {expected}: pinned by another sockpolicy version? "
+                "run sockpolicy enforce --unload, then enforce again",
+            )
 
 
 def _log_rules(enforcer: Enforcer) -> None:
