@@ -328,10 +328,18 @@ class Splicer:
         if "sockops" in disabled:
             raise SpliceUnavailable("sockops", "SOCK_OPS programs unavailable (disabled)")
         spec = ObjectSpec.from_package("splice")
-        enforcer, owned = _rules_enforcer(rules)
+        try:
+            enforcer, owned = _rules_enforcer(rules)
+        except (_errors.SockpolicyError, OSError) as exc:
+            raise SpliceUnavailable(
+                "rules", f"cannot open the kernel rules of this namespace: {exc}"
+            ) from None
         try:
             if enforcer is not None:
-                _check_rule_maps(spec, enforcer)
+                try:
+                    _check_rule_maps(spec, enforcer)
+                except (_errors.SockpolicyError, OSError) as exc:
+                    raise SpliceUnavailable("rules", f"cannot check the kernel rules' maps: {exc}") from None
                 spec.reuse_maps = {name: enforcer.map(name) for name in RULE_MAPS}
             try:
                 obj = spec.load()
@@ -616,9 +624,13 @@ def _check_rule_maps(spec: ObjectSpec, enforcer: Enforcer) -> None:
 
 
 def _log_rules(enforcer: Enforcer) -> None:
-    ruleset = enforcer.ruleset()
     gen = enforcer.generation
     log.info("splice: kernel rules apply to received messages (generation %d)", gen)
+    try:
+        ruleset = enforcer.ruleset()
+    except (_errors.SockpolicyError, ValueError) as exc:  # RuleError is a ValueError
+        log.warning("splice: cannot read the description of kernel rule set %d: %s", gen, exc)
+        return
     if ruleset is not None and ruleset.framing is not None:
         log.warning(
             "splice: the kernel rule set (generation %d) is framed: spliced connections are not judged "
