@@ -787,7 +787,9 @@ def state_dir(netns_inode: int | None = None, root: str | os.PathLike[str] = DEF
     creation or removal sees the other's files.
     """
     if netns_inode is None:
-        netns_inode = os.stat("/proc/self/ns/net").st_ino
+        # thread-self, not self: /proc/self is the thread group leader, whose namespace differs from a
+        # thread's that entered another one with setns() (the tests' NetNS.call does that).
+        netns_inode = os.stat("/proc/thread-self/ns/net").st_ino
     return Path(os.fspath(root)) / "rules" / str(netns_inode)
 
 
@@ -1234,6 +1236,10 @@ class Enforcer:
 
     def unload(self) -> None:
         """Detach the cgroup links, take every socket out of the maps and remove the pinned state."""
+        # A Splicer shares the rule tables (docs/splice.md) and keeps them alive past the unpinning: load an
+        # empty rule set first, so that spliced connections are judged by nothing from now on.
+        with contextlib.suppress(_errors.SockpolicyError, RuleError):
+            self.replace(RuleSet())
         for link in self._links:
             with contextlib.suppress(_errors.BpfError):
                 link.detach()

@@ -10,11 +10,20 @@
 //    to MODE_SPLICED as soon as userspace has written every passed byte to the peer (forwarded ==
 //    passed); from then on every skb is redirected out of the peer socket.
 //
+// With kernel rules (CFG_RULES, see "Kernel rules" in docs/splice.md) the verdict first judges every
+// received skb with payload against the rule set of rules_eval.h, whose maps userspace shares with the
+// Enforcer (sockpolicy enforce): Drop drops the skb, Redirect sends it out of the labelled socket, Pass
+// leaves it to the splice logic above.  Dropped and diverted bytes are counted in neither `passed` nor
+// `redirected`, so the switch (forwarded == passed) and the EOF arithmetic (written + redirected) stay
+// exact.
+//
 // `conns` is BPF_F_MMAPABLE: userspace reads the kernel's counters and writes `peer`, `mode` and
 // `forwarded` with plain aligned 8/4-byte loads and stores, no syscall on the data path.  Each field has
 // one writer at a time (see struct conn), so no lock is needed.
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+
+#include "rules_eval.h"
 
 // The two fields of the kernel's struct tcp_sock the verdict reads (through bpf_skc_to_tcp_sock); libbpf
 // relocates their offsets against the running kernel's BTF (CO-RE), so no vmlinux.h is needed.
@@ -26,19 +35,23 @@ struct tcp_sock {
 #define MODE_PENDING 1 // userspace asked to splice; the verdict switches once forwarded == passed
 #define MODE_SPLICED 2 // every skb is redirected to the peer (set by the verdict only)
 
-#define N_SLOTS 32768 // max_entries of `conns`; a power of two
-#define PROBES 8       // slots tried per socket, starting at cookie % N_SLOTS
+#define CONN_SLOTS 32768 // max_entries of `conns`; a power of two
+#define PROBES 8         // slots tried per socket, starting at cookie % CONN_SLOTS
 
 #define STAT_ENROLLED 0      // sockets given a slot and put into `socks`
 #define STAT_NO_SLOT 1       // no free slot among PROBES: the socket stays out of `socks`
 #define STAT_ENROL_FAILED 2  // bpf_sock_hash_update failed (map full, ...)
 #define STAT_PEER_GONE 3     // skbs dropped in MODE_SPLICED because the peer had left `socks`
 #define STAT_THROTTLED 4     // MODE_SPLICED -> MODE_PENDING switches (the peer's backlog was too long)
-#define N_STATS 5
+#define STAT_RULE_DROPPED 5  // skbs dropped by a rule (Drop, default Drop, Redirect to a missing label)
+#define STAT_RULE_DIVERTED 6 // skbs a Redirect rule sent out of a labelled socket instead of the peer
+#define STAT_RULES_FRAMED 7  // skbs not judged: the active rule set is framed (per-frame rules, not per-skb)
+#define N_STATS 8
 
 #define CFG_HIGH 0 // backlog (bytes) above which the verdict hands skbs back to userspace
 #define CFG_LOW 1  // backlog (bytes) under which it splices again
-#define N_CFG 2
+#define CFG_RULES 2 // non-zero: judge every received skb with the shared rule set (rules_eval.h)
+#define N_CFG 3
 
 // Must match _splice.py (_Conn).  128 bytes: two cache lines per socket.
 struct conn {
@@ -50,17 +63,18 @@ struct conn {
     __u64 forwarded;  // passed bytes userspace has written to the peer (userspace only)
     __u64 redirected; // payload bytes redirected to the peer (verdict only)
     __u64 skbs;       // verdict runs with payload (diagnostics)
-    __u64 dropped;    // bytes dropped because the peer was gone (verdict only)
+    __u64 dropped;    // bytes dropped: the peer was gone, or a rule dropped them (verdict only)
     __u64 written;    // bytes userspace wrote INTO this socket (userspace only)
     __u64 seq_base;   // write_seq at enrolment (= snd_nxt: nothing queued yet), the origin for peer_backlog
     __u32 peer_slot;  // slot of `peer` (userspace, before MODE_PENDING)
     __u32 throttles;  // MODE_SPLICED -> MODE_PENDING switches because the peer fell behind (verdict only)
-    __u64 pad[5];
+    __u64 diverted;   // bytes a Redirect rule sent out of a labelled socket instead of the peer (verdict)
+    __u64 pad[4];
 };
 
 struct {
     __uint(type, BPF_MAP_TYPE_SOCKHASH);
-    __uint(max_entries, N_SLOTS);
+    __uint(max_entries, CONN_SLOTS);
     __type(key, __u64);   // socket cookie
     __type(value, __u64); // the socket
 } socks SEC(".maps");
@@ -68,7 +82,7 @@ struct {
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
     __uint(map_flags, BPF_F_MMAPABLE);
-    __uint(max_entries, N_SLOTS);
+    __uint(max_entries, CONN_SLOTS);
     __type(key, __u32);
     __type(value, struct conn);
 } conns SEC(".maps");
@@ -77,7 +91,7 @@ struct {
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(map_flags, BPF_F_NO_PREALLOC);
-    __uint(max_entries, N_SLOTS);
+    __uint(max_entries, CONN_SLOTS);
     __type(key, __u64);
     __type(value, __u32);
 } slot_of SEC(".maps");
@@ -87,7 +101,7 @@ struct {
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(map_flags, BPF_F_NO_PREALLOC);
-    __uint(max_entries, N_SLOTS);
+    __uint(max_entries, CONN_SLOTS);
     __type(key, __u32);
     __type(value, __u64);
 } owners SEC(".maps");
@@ -105,7 +119,7 @@ struct {
     __uint(max_entries, N_CFG);
     __type(key, __u32);
     __type(value, __u64);
-} config SEC(".maps");
+} splice_config SEC(".maps");
 
 static __always_inline void bump(__u32 key)
 {
@@ -121,7 +135,7 @@ static __always_inline void enrol(struct bpf_sock_ops *skops)
     int found = 0;
 
     for (int i = 0; i < PROBES; i++) {
-        __u32 candidate = (__u32)((cookie + i) & (N_SLOTS - 1));
+        __u32 candidate = (__u32)((cookie + i) & (CONN_SLOTS - 1));
         if (bpf_map_update_elem(&owners, &candidate, &cookie, BPF_NOEXIST) == 0) {
             slot = candidate;
             found = 1;
@@ -149,6 +163,7 @@ static __always_inline void enrol(struct bpf_sock_ops *skops)
     c->redirected = 0;
     c->skbs = 0;
     c->dropped = 0;
+    c->diverted = 0;
     c->written = 0;
     c->peer_slot = 0;
     c->throttles = 0;
@@ -199,7 +214,7 @@ int splice_sockops(struct bpf_sock_ops *skops)
 
 static __always_inline __u64 cfg(__u32 key, __u64 fallback)
 {
-    __u64 *value = bpf_map_lookup_elem(&config, &key);
+    __u64 *value = bpf_map_lookup_elem(&splice_config, &key);
     return value && *value ? *value : fallback;
 }
 
@@ -232,6 +247,40 @@ static __always_inline __u64 peer_backlog(struct conn *c)
     return backlog > 0 ? backlog : 0;
 }
 
+// The kernel rules' verdict on one received skb with payload: SK_DROP or SK_PASS when a rule decided
+// (Drop, or Redirect to a labelled socket), -1 when the skb is the splice's to handle (Pass, the default
+// Pass, no rule set loaded, or a framed rule set, whose rules judge frames, not skbs).  Counted in the
+// rule's counters (judge_skb) and in the slot: dropped bytes in `dropped`, diverted ones in `diverted`.
+static __always_inline int judge(struct __sk_buff *skb, struct conn *c, __u32 len)
+{
+    __u32 slot;
+    struct slot_meta *meta = active_slot(&slot); // read once: the whole message is judged by one set
+    if (!meta)
+        return -1;
+    if (meta->frame_size) {
+        // A framed rule set describes messages that span or share skbs; judging skbs with it would
+        // apply the rules to arbitrary cuts of the stream.  Not judged, counted (docs/splice.md).
+        bump(STAT_RULES_FRAMED);
+        return -1;
+    }
+    struct rule *r = judge_skb(skb, slot, meta, 0, len);
+    if (r && r->action == ACT_REDIRECT) {
+        __u32 key = r->target;
+        if (bpf_sk_redirect_hash(skb, &targets, &key, (r->flags & RULE_F_INGRESS) ? BPF_F_INGRESS : 0) ==
+            SK_PASS) {
+            __sync_fetch_and_add(&c->diverted, len);
+            bump(STAT_RULE_DIVERTED);
+            return SK_PASS;
+        }
+        // No socket has that label: the rules engine drops in this case too (rules_skb).
+    } else if (r ? r->action != ACT_DROP : meta->default_action != ACT_DROP) {
+        return -1;
+    }
+    __sync_fetch_and_add(&c->dropped, len);
+    bump(STAT_RULE_DROPPED);
+    return SK_DROP;
+}
+
 SEC("sk_skb")
 int splice_verdict(struct __sk_buff *skb)
 {
@@ -248,6 +297,14 @@ int splice_verdict(struct __sk_buff *skb)
         // peer socket (observed on 6.18), so keep it here: userspace sees the EOF and propagates it.
         return SK_PASS;
     c->skbs++; // only this socket's verdict writes it, and its runs are serialised by the socket lock
+    if (cfg(CFG_RULES, 0)) {
+        // Before the splice logic, in every mode: a message a rule drops or diverts is neither handed to
+        // userspace (passed) nor redirected to the peer, so both invariants keep counting only bytes
+        // that go that way.
+        int ruled = judge(skb, c, len);
+        if (ruled >= 0)
+            return ruled;
+    }
     __u32 mode = *(volatile __u32 *)&c->mode;
     if (mode == MODE_PENDING) {
         // Every byte passed so far has been written to the peer by userspace (it stores `forwarded` only

@@ -27,12 +27,16 @@ import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from sockpolicy import _errors
 from sockpolicy._objects import AttachType, Link, Map, MapAttachment, ObjectSpec
 from sockpolicy.maps import U32, U64, Hash, cookie_of
+
+if TYPE_CHECKING:
+    from sockpolicy._rules import Enforcer
 
 __all__ = ["SPLICE_DISABLE_ENV", "SpliceSocket", "SpliceStats", "SpliceUnavailable", "Splicer"]
 
@@ -49,7 +53,23 @@ MODE_PENDING = 1
 MODE_SPLICED = 2
 
 N_SLOTS = 32768  # N_SLOTS in splice.bpf.c
-_STATS = ("enrolled", "no_slot", "enrol_failed", "peer_gone", "throttled")
+_STATS = (
+    "enrolled",
+    "no_slot",
+    "enrol_failed",
+    "peer_gone",
+    "throttled",
+    "rule_dropped",
+    "rule_diverted",
+    "rules_framed",
+)
+_CFG_RULES = 2  # CFG_RULES in splice.bpf.c
+
+#: The kernel rules' maps the splice verdict shares with an :class:`~sockpolicy.Enforcer` (rules_eval.h).
+RULE_MAPS = ("config", "slots", "rules", "counters", "targets")
+
+#: ``Splicer.open(rules=AUTO)``: use the kernel rules pinned in this network namespace, if any.
+AUTO = "auto"
 
 #: Default backlog bounds (bytes queued towards a peer but not yet transmitted by it); see docs/splice.md.
 BACKLOG_HIGH = 4 << 20
@@ -81,7 +101,8 @@ class _Conn(ctypes.Structure):
         ("seq_base", ctypes.c_uint64),
         ("peer_slot", ctypes.c_uint32),
         ("throttles", ctypes.c_uint32),
-        ("pad", ctypes.c_uint64 * 5),
+        ("diverted", ctypes.c_uint64),
+        ("pad", ctypes.c_uint64 * 4),
     ]
 
 
@@ -257,6 +278,8 @@ class Splicer:
         self._created_cgroup = False
         self._previous_cgroup: Path | None = None
         self.closed = False
+        #: the verdict judges received messages with kernel rules (``rules`` of :meth:`open`)
+        self.rules = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -267,6 +290,7 @@ class Splicer:
         *,
         backlog_high: int = BACKLOG_HIGH,
         backlog_low: int = BACKLOG_LOW,
+        rules: Enforcer | str | None = AUTO,
     ) -> Splicer:
         """Load the programs, create the cgroup, move this process into it and attach.
 
@@ -275,18 +299,26 @@ class Splicer:
         :param backlog_high: bytes queued towards a peer but not yet sent by it above which the kernel
             hands a connection back to userspace (which waits for the peer); the memory bound.
         :param backlog_low: the kernel splices again once the backlog is below this.
-        :raises SpliceUnavailable: a feature is missing (or disabled with ``SOCKPOLICY_SPLICE_DISABLE``);
-            nothing is left behind.
+        :param rules: kernel per-message rules to apply to every received message of the enrolled sockets
+            (docs/splice.md, "Kernel rules"): an :class:`~sockpolicy.Enforcer` whose rule sets (replaced
+            at any time with :meth:`~sockpolicy.Enforcer.replace`) and counters are shared; :data:`AUTO`
+            (the default): the ones pinned in this network namespace by ``sockpolicy enforce``, if any;
+            ``None``: none.
+        :raises SpliceUnavailable: a feature is missing (or disabled with ``SOCKPOLICY_SPLICE_DISABLE``),
+            or rules are configured but cannot be shared (feature ``rules``: splicing without them would
+            bypass them); nothing is left behind.
         """
         self = cls()
         try:
-            self._open(cgroup, backlog_high, backlog_low)
+            self._open(cgroup, backlog_high, backlog_low, rules)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _open(self, cgroup: str | os.PathLike[str] | None, high: int, low: int) -> None:
+    def _open(
+        self, cgroup: str | os.PathLike[str] | None, high: int, low: int, rules: Enforcer | str | None
+    ) -> None:
         disabled = _disabled()
         root = _cgroup2_root()
         if "cgroup" in disabled or root is None:
@@ -295,15 +327,40 @@ class Splicer:
             raise SpliceUnavailable("sk_skb", "SK_SKB programs unavailable (disabled)")
         if "sockops" in disabled:
             raise SpliceUnavailable("sockops", "SOCK_OPS programs unavailable (disabled)")
+        spec = ObjectSpec.from_package("splice")
         try:
-            obj = ObjectSpec.from_package("splice").load()
+            enforcer, owned = _rules_enforcer(rules)
         except (_errors.SockpolicyError, OSError) as exc:
-            raise SpliceUnavailable("sk_skb", f"cannot load the splice programs: {exc}") from None
+            raise SpliceUnavailable(
+                "rules", f"cannot open the kernel rules of this namespace: {exc}"
+            ) from None
+        try:
+            if enforcer is not None:
+                try:
+                    _check_rule_maps(spec, enforcer)
+                except (_errors.SockpolicyError, OSError) as exc:
+                    raise SpliceUnavailable("rules", f"cannot check the kernel rules' maps: {exc}") from None
+                spec.reuse_maps = {name: enforcer.map(name) for name in RULE_MAPS}
+            try:
+                obj = spec.load()
+            except (_errors.SockpolicyError, OSError) as exc:
+                if enforcer is not None:
+                    raise SpliceUnavailable(
+                        "rules", f"cannot load the splice programs with the kernel rules' maps: {exc}"
+                    ) from None
+                raise SpliceUnavailable("sk_skb", f"cannot load the splice programs: {exc}") from None
+            if enforcer is not None:
+                self.rules = True
+                _log_rules(enforcer)
+        finally:
+            # The loaded programs hold the shared maps; this process needs no fd of its own for them.
+            if owned and enforcer is not None:
+                enforcer.close()
         with obj:
-            names = ("socks", "conns", "slot_of", "owners", "stats", "config")
+            names = ("socks", "conns", "slot_of", "owners", "stats", "splice_config")
             self._maps = {name: obj.take_map(name) for name in names}
-            for index, value in enumerate((high, low)):
-                self._maps["config"].update(struct.pack("=I", index), struct.pack("=Q", value))
+            for index, value in ((0, high), (1, low), (_CFG_RULES, int(self.rules))):
+                self._maps["splice_config"].update(struct.pack("=I", index), struct.pack("=Q", value))
             verdict = obj.programs["splice_verdict"]
             sockops = obj.programs["splice_sockops"]
             if "mmap" in disabled:
@@ -521,6 +578,65 @@ class Splicer:
             value = stats_map.lookup(struct.pack("=I", index))
             result[name] = struct.unpack("=Q", value)[0]
         return result
+
+
+def _rules_enforcer(rules: Enforcer | str | None) -> tuple[Enforcer | None, bool]:
+    """``(enforcer or None, whether this call opened it)`` for :meth:`Splicer.open`'s ``rules``."""
+    if rules is None:
+        return None, False
+    if not isinstance(rules, str):
+        return rules, False
+    if rules != AUTO:
+        raise ValueError(f"Splicer.open(rules={rules!r}): use an Enforcer, AUTO or None")
+    from sockpolicy._rules import Enforcer
+
+    try:
+        return Enforcer.open(), True
+    except _errors.NotLoaded:
+        return None, False
+
+
+def _check_rule_maps(spec: ObjectSpec, enforcer: Enforcer) -> None:
+    """Refuse (feature ``rules``) when a shared map differs from the splice program's definition of it.
+
+    libbpf's reuse of a map fd does not compare the definitions, and the verifier only checks accesses
+    against the map it is given: rule tables of another layout (state pinned by another sockpolicy
+    version) could load and then be misread.
+    """
+    from sockpolicy import _libbpf
+
+    handle = _libbpf.object_open(str(spec.path))
+    try:
+        wanted = {d.name: d for d in map(_libbpf.map_describe, _libbpf.object_maps(handle))}
+    finally:
+        _libbpf.object_close(handle)
+    for name in RULE_MAPS:
+        want, have = wanted[name], enforcer.map(name)
+        expected = (want.type, want.key_size, want.value_size, want.max_entries)
+        actual = (int(have.type), have.key_size, have.value_size, have.max_entries)
+        if expected != actual:
+            raise SpliceUnavailable(
+                "rules",
+                f"the kernel rules' map {name!r} (type, key, value, entries {actual}) does not match the "
+                f"splice program's {expected}: pinned by another sockpolicy version? "
+                "run sockpolicy enforce --unload, then enforce again",
+            )
+
+
+def _log_rules(enforcer: Enforcer) -> None:
+    gen = enforcer.generation
+    log.info("splice: kernel rules apply to received messages (generation %d)", gen)
+    try:
+        ruleset = enforcer.ruleset()
+    except (_errors.SockpolicyError, ValueError) as exc:  # RuleError is a ValueError
+        log.warning("splice: cannot read the description of kernel rule set %d: %s", gen, exc)
+        return
+    if ruleset is not None and ruleset.framing is not None:
+        log.warning(
+            "splice: the kernel rule set (generation %d) is framed: spliced connections are not judged "
+            "by it (per-frame rules need a stream parser; see docs/splice.md)",
+            gen,
+        )
 
 
 def errno_is_reset(exc: OSError) -> bool:
