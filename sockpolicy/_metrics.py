@@ -352,11 +352,18 @@ def open_rules() -> Callable[[], Any]:
     """A getter for the kernel rules enforcer of this namespace, opened now if loaded, else on demand.
 
     Opened eagerly so that the fds survive a privilege drop; while nothing is loaded each scrape tries
-    again (which only succeeds while the process still may open pinned objects).
+    again (which only succeeds while the process still may open pinned objects).  Each call also checks
+    that the pinned state is still the one opened: after ``sockpolicy enforce --unload`` (and a new
+    ``enforce``) the old fds would show the frozen counters of maps nobody uses any more.
     """
     holder: dict[str, Any] = {}
 
     def get() -> Any:
+        enforcer = holder.get("enforcer")
+        if enforcer is not None and not _same_rules_state(enforcer):
+            log.info("kernel rules were unloaded or loaded anew: reopening them for the metrics")
+            enforcer.close()
+            del holder["enforcer"]
         if "enforcer" not in holder:
             try:
                 from ._rules import Enforcer
@@ -368,6 +375,23 @@ def open_rules() -> Callable[[], Any]:
 
     get()
     return get
+
+
+def _same_rules_state(enforcer: Any) -> bool:
+    """Whether the pinned rules state is still the one ``enforcer`` has open (True if it cannot tell)."""
+    from . import _errors
+    from ._objects import Map
+
+    if enforcer.directory is None:
+        return True
+    try:
+        pinned = Map.from_pin(enforcer.directory / "config")
+    except _errors.KeyNotFound:
+        return False  # unloaded
+    except OSError:
+        return True  # e.g. privileges dropped: keep what we have (see docs/operations.md)
+    with pinned:
+        return bool(pinned.id == enforcer.map("config").id)
 
 
 class MetricsServer:

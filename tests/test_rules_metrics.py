@@ -84,7 +84,8 @@ RULES = textwrap.dedent(
 def test_e2e_serve_metrics_count_kernel_rules_across_replacements(netns: NetNS, tmp_path: Path) -> None:
     """``sockpolicy enforce`` in a namespace, traffic that matches each rule or none, a scrape of
     ``serve --metrics`` over loopback in that namespace: exact counts, which keep growing through
-    replacements (including ring wrap-arounds, whose harvest zeroes the kernel's counters)."""
+    replacements (including ring wrap-arounds, whose harvest zeroes the kernel's counters) and an unload
+    followed by a new ``enforce``."""
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     # serve first: the rules are loaded later, and the collector opens them on demand.
@@ -127,6 +128,22 @@ def test_e2e_serve_metrics_count_kernel_rules_across_replacements(netns: NetNS, 
             assert m[key(MSGS, "(default)", "Pass")] == 2
             # The live counters of the active generation alone: only the last GET.
             assert enforcer.stats()["get"].msgs == 1
+        get_bytes = m[key(BYTES, "get", "Pass")]
+
+        # Unloaded and loaded anew: the collector follows the new maps, and the totals still only grow.
+        for argv in (("enforce", "--unload"), ("enforce", "--rules", str(rules))):
+            done = sockpolicy(netns, *argv)
+            assert done.returncode == 0, done.stderr
+        with Enforcer.open(netns_inode=os.stat(netns.path).st_ino) as enforcer:
+            c, c_srv = connect(netns)
+            socks += [c, c_srv]
+            enforcer.enrol(c)
+            send_each(c, c_srv, [b"GET /new"])
+        m = scrape(netns, 9464)
+        assert m["sockpolicy_kernel_rule_generation"] == 1
+        assert m[key(MSGS, "get", "Pass")] == 3 + 2 * N_SLOTS
+        assert m[key(BYTES, "get", "Pass")] == get_bytes + 8
+        assert m[key(MSGS, "no-flush", "Drop")] == 1 and m[key(MSGS, "(default)", "Pass")] == 2
     finally:
         for s in socks:
             s.close()
