@@ -195,3 +195,31 @@ def test_collector_totals_rename_unnamed_and_verdict_change(netns: NetNS, enforc
         assert m[key(MSGS, "b", "Pass")] == 1 + N_SLOTS + 1
         assert m[key(MSGS, "a", "Pass")] == 1 and m[key(BYTES, "(default)", "Pass")] == 3
         assert m["sockpolicy_kernel_rule_generation"] == 2 + N_SLOTS + 1
+
+
+def test_e2e_kernel_rule_metrics_after_privilege_drop(netns: NetNS, tmp_path: Path) -> None:
+    """``serve --user nobody``: the rules maps opened before the drop keep being read (the pins are
+    root-only, so the collector cannot check them and keeps what it has)."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    done = sockpolicy(netns, "enforce", "--rules", str(rules))
+    assert done.returncode == 0, done.stderr
+    proc = start(netns, tmp_path, "--addr", "127.0.0.1", "--ports", "8000-8099", "--user", "nobody",
+                 "--metrics", "127.0.0.1:9464", "--handoff-timeout", "0")  # fmt: skip
+    try:
+        wait_for_metrics(netns, proc)
+        with Enforcer.open(netns_inode=os.stat(netns.path).st_ino) as enforcer:
+            a, a_srv = connect(netns)
+            with a, a_srv:
+                enforcer.enrol(a)
+                send_each(a, a_srv, [b"GET /", b"other"])
+                with pytest.raises(PermissionError):
+                    a.send(b"FLUSHALL")
+        m = scrape(netns, 9464)
+        assert (m[key(MSGS, "get", "Pass")], m[key(BYTES, "get", "Pass")]) == (1, 5)
+        assert (m[key(MSGS, "no-flush", "Drop")], m[key(BYTES, "no-flush", "Drop")]) == (1, 8)
+        assert (m[key(MSGS, "(default)", "Pass")], m[key(BYTES, "(default)", "Pass")]) == (1, 5)
+    finally:
+        assert stop(proc) == 0, log_of(proc)
+        sockpolicy(netns, "unload")  # nobody could not remove its bindings
+        sockpolicy(netns, "enforce", "--unload")
