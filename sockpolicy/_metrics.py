@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Collector",
     "MetricsServer",
+    "RuleTotals",
     "SnapshotReceiver",
     "merge",
     "open_rules",
@@ -108,6 +109,7 @@ class Collector:
         self.rules = rules
         self.policy = policy
         self.lock = threading.Lock()  # one scrape at a time: the dispatcher object is not thread-safe
+        self._rule_totals = RuleTotals()
 
     def describe(self) -> list[Metric]:
         # No up-front description: the families depend on what is loaded (prometheus-client then
@@ -236,42 +238,132 @@ class Collector:
         yield fam
 
     def _rules(self) -> Iterator[Metric]:
-        # Kernel per-message rules (sockpolicy._rules): per rule, messages judged and their bytes.
+        # Kernel per-message rules (sockpolicy._rules): per rule, messages judged and their bytes, as
+        # totals over every generation (see RuleTotals).
         enforcer = self.rules() if self.rules is not None else None
         if enforcer is None:
             return
         try:
-            stats = enforcer.stats()
+            gen = self._rule_totals.update(enforcer)
         except Exception as exc:
             log.debug("cannot read the kernel rule counters: %s", exc)
             return
         msgs = CounterMetricFamily(
             "sockpolicy_kernel_rule_messages",
-            "messages judged by each kernel rule",
+            "verdicts of each kernel rule (one per sendmsg, apply_bytes window, filled cork or frame), "
+            "summed over rule-set generations",
             labels=["rule", "verdict"],
         )
         nbytes = CounterMetricFamily(
             "sockpolicy_kernel_rule_bytes",
-            "bytes of the messages judged by each kernel rule",
+            "bytes covered by the verdicts of each kernel rule, summed over rule-set generations",
             labels=["rule", "verdict"],
         )
-        for rule in (*stats.rules, stats.unmatched):
-            name = rule.name or f"#{rule.index}"
-            msgs.add_metric([name, str(rule.verdict)], rule.msgs)
-            nbytes.add_metric([name, str(rule.verdict)], rule.bytes)
+        for (name, verdict), (m, b) in sorted(self._rule_totals.totals().items()):
+            msgs.add_metric([name, verdict], m)
+            nbytes.add_metric([name, verdict], b)
         yield msgs
         yield nbytes
+        active = GaugeMetricFamily(
+            "sockpolicy_kernel_rule_generation", "the active kernel rule-set generation (0: none loaded)"
+        )
+        active.add_metric([], gen)
+        yield active
+
+
+class RuleTotals:
+    """Per-rule counters of the kernel rules summed over rule-set generations, so that they only grow.
+
+    The kernel counts per generation: ``Enforcer.replace`` writes a new rule set into a free slot of a
+    ring of :data:`~sockpolicy._rules.N_SLOTS` with zeroed counters, and whoever replaces later harvests
+    (reads, zeroes and frees) retired slots, once per ``N_SLOTS - 1`` replacements.  A Prometheus counter
+    must not fall at each replacement, so each scrape reads every live slot (the active generation and
+    the retired ones not yet harvested), remembers the highest numbers seen per generation, and folds a
+    generation into a running base once its slot is gone.  Rules are identified by name (an unnamed rule
+    is ``rule-N``, N counted from 1) and verdict: a rule kept across replacements continues its series;
+    ``(default)`` counts the messages no rule matched.
+
+    What is not seen is not counted: traffic of a generation between the last scrape and the harvest of
+    its slot, which needs ``N_SLOTS - 1`` replacements (or ``Enforcer.flush()``) between two scrapes.
+    """
+
+    def __init__(self) -> None:
+        self._base: dict[tuple[str, str], tuple[int, int]] = {}
+        self._seen: dict[int, dict[tuple[str, str], tuple[int, int]]] = {}
+
+    def update(self, enforcer: Any) -> int:
+        """Read the live slots of ``enforcer``; returns the active generation (0: none)."""
+        # The slot walk needs the ring's layout, which Enforcer keeps private (it only exposes the active
+        # generation and its own harvests); reading is lock-free, as the kernel programs read it.
+        from . import _rules
+
+        live: dict[int, dict[tuple[str, str], tuple[int, int]]] = {}
+        active = 0
+        for slot in range(_rules.N_SLOTS):
+            meta = enforcer._meta(slot)
+            state = meta[7]
+            if state not in (_rules._STATE_ACTIVE, _rules._STATE_RETIRED):
+                continue
+            stats = enforcer._read_stats(slot, meta, final=False)
+            if enforcer._meta(slot)[7:9] != meta[7:9]:
+                continue  # harvested or reused while we read it: the next scrape sees the new state
+            if state == _rules._STATE_ACTIVE:
+                active = stats.gen
+            counts: dict[tuple[str, str], tuple[int, int]] = {}
+            for r in (*stats.rules, stats.unmatched):
+                name = r.name or f"rule-{(r.index or 0) + 1}"  # RuleSet names unnamed rules so itself
+                key = (name, str(r.verdict))
+                m, b = counts.get(key, (0, 0))
+                counts[key] = (m + r.msgs, b + r.bytes)
+            live[stats.gen] = counts
+        for gen, counts in live.items():
+            before = self._seen.get(gen)
+            if before is not None and any(
+                counts.get(k, (0, 0))[0] < v[0] or counts.get(k, (0, 0))[1] < v[1] for k, v in before.items()
+            ):
+                # Lower than already seen: a new rules state reusing the number (unload, enforce).
+                self._fold(before)
+                before = None
+            merged = dict(counts)
+            for k, v in (before or {}).items():
+                cur = merged.get(k, (0, 0))
+                merged[k] = (max(cur[0], v[0]), max(cur[1], v[1]))
+            self._seen[gen] = merged
+        for gen in [g for g in self._seen if g not in live]:
+            self._fold(self._seen.pop(gen))  # harvested: its numbers are final
+        return active
+
+    def _fold(self, counts: dict[tuple[str, str], tuple[int, int]]) -> None:
+        for k, (m, b) in counts.items():
+            bm, bb = self._base.get(k, (0, 0))
+            self._base[k] = (bm + m, bb + b)
+
+    def totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """``(rule, verdict) -> (messages, bytes)`` over every generation seen."""
+        out = dict(self._base)
+        for counts in self._seen.values():
+            for k, (m, b) in counts.items():
+                om, ob = out.get(k, (0, 0))
+                out[k] = (om + m, ob + b)
+        return out
 
 
 def open_rules() -> Callable[[], Any]:
     """A getter for the kernel rules enforcer of this namespace, opened now if loaded, else on demand.
 
     Opened eagerly so that the fds survive a privilege drop; while nothing is loaded each scrape tries
-    again (which only succeeds while the process still may open pinned objects).
+    again (which only succeeds while the process still may open pinned objects).  Each call also checks
+    that the pinned state is still the one opened: after ``sockpolicy enforce --unload`` (and a new
+    ``enforce``) the old fds would show the frozen counters of maps nobody uses any more.
     """
     holder: dict[str, Any] = {}
 
     def get() -> Any:
+        enforcer = holder.get("enforcer")
+        if enforcer is not None and not _same_rules_state(enforcer):
+            log.info("kernel rules were unloaded or loaded anew: reopening them for the metrics")
+            enforcer.close()
+            del holder["enforcer"]
         if "enforcer" not in holder:
             try:
                 from ._rules import Enforcer
@@ -283,6 +375,23 @@ def open_rules() -> Callable[[], Any]:
 
     get()
     return get
+
+
+def _same_rules_state(enforcer: Any) -> bool:
+    """Whether the pinned rules state is still the one ``enforcer`` has open (True if it cannot tell)."""
+    from . import _errors
+    from ._objects import Map
+
+    if enforcer.directory is None:
+        return True
+    try:
+        pinned = Map.from_pin(enforcer.directory / "config")
+    except _errors.KeyNotFound:
+        return False  # unloaded
+    except OSError:
+        return True  # e.g. privileges dropped: keep what we have (see docs/operations.md)
+    with pinned:
+        return bool(pinned.id == enforcer.map("config").id)
 
 
 class MetricsServer:

@@ -157,13 +157,22 @@ def _verdict_name(verdict: Any) -> tuple[str, str | None]:
 
 
 def format_label(addr: tuple[str, int] | str) -> str:
-    """The label of a redirect target given as ``(host, port)``: ``host:port`` (``[v6]:port``)."""
+    """The label of a redirect target given as ``(host, port)``: ``host:port`` (``[v6]:port``).
+
+    IP addresses are written canonically, so that one address spelt two ways gives one label, and a
+    v4-mapped IPv6 address (the peer of a dual-stack socket) as plain IPv4, as the proxy reports it
+    (``normalize_addr``): a ``Redirect(("127.0.0.1", port))`` must find that socket too.
+    """
     if isinstance(addr, str):
         return addr
     host, port = addr
     with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).version == 6:
-            return f"[{host}]:{port}"
+        ip = ipaddress.ip_address(host)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.version == 6:
+            return f"[{ip}]:{port}"
+        return f"{ip}:{port}"
     return f"{host}:{port}"
 
 

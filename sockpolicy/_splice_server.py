@@ -6,7 +6,9 @@ Splicing moves the serving process into a dedicated cgroup, so it runs in a proc
 
 It joins the network namespace (setns, so the mount namespace and with it the cgroup v2 mount stay
 visible -- ``ip netns exec`` would remount /sys), opens a :class:`~sockpolicy.proxy.Splicer` (or logs why
-it cannot), listens on 127.0.0.1 and prints one JSON line ``{"port": ..., "splice": null | "reason"}``.
+it cannot), listens on ``--listen`` (default 127.0.0.1; an IPv6 address listens IPv6-only, ``::`` is
+dual-stack: IPv4 clients arrive as v4-mapped addresses) and prints one JSON line
+``{"port": ..., "splice": null | "reason"}``.  ``--upstream`` takes ``HOST:PORT`` or ``[V6]:PORT``.
 With ``--hold`` it accepts nothing until it reads ``go`` (clients can then send before ``accept()``).
 Commands on stdin, one per line, each answered with one JSON line: ``go``, ``stats``, ``sweep``,
 ``quit``.
@@ -91,11 +93,16 @@ async def _main(args: argparse.Namespace) -> None:
             await trio.sleep(pause)
 
         _tcp.SPLICE_SWITCH_HOOK = hook
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # after Splicer.open: in its cgroup
+    family = socket.AF_INET6 if ":" in args.listen else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)  # after Splicer.open: in its cgroup
+    if family == socket.AF_INET6:
+        # Explicit either way: the default follows net.ipv6.bindv6only.  "::" takes IPv4 too (v4-mapped).
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if args.listen == "::" else 1)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((args.listen, 0))
     listener.listen(4096)
     host, port = args.upstream.rsplit(":", 1)
+    host = host.removeprefix("[").removesuffix("]")
     _emit({"port": listener.getsockname()[1], "splice": reason, "pid": os.getpid()})
     stdin = trio.wrap_file(sys.stdin)
     try:
@@ -163,7 +170,8 @@ def _stats(splicer: Splicer | None, handle: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--netns", help="network namespace path to join first")
-    parser.add_argument("--upstream", required=True, help="HOST:PORT")
+    parser.add_argument("--upstream", required=True, help="HOST:PORT or [V6]:PORT")
+    parser.add_argument("--listen", default="127.0.0.1", help="address to listen on (:: = dual-stack)")
     parser.add_argument("--policy", default="connect", choices=["connect", "message", "down", "none"])
     parser.add_argument("--hold", action="store_true", help="serve only after 'go' on stdin")
     parser.add_argument("--switch-pause", type=float, default=0.0, help="pause the switch (seconds)")
