@@ -33,19 +33,6 @@ Stream = SockStream | EchoStream
 #: Receive buffer (SO_RCVBUF) of both sockets while a splice is pending.
 SWITCH_RCVBUF = 32768
 SO_RCVBUFFORCE = 33
-#: Receive buffer of both sockets once the switch is done: large enough for the window of redirected
-#: traffic (redirected skbs leave the receive queue at once), small enough that, after a throttle, the
-#: bytes userspace holds unconsumed close the window soon (see _peek_new).  tcp_rmem max (32 MiB here)
-#: let a fast sender queue the rest of a bulk transfer before userspace could catch up.
-SPLICED_RCVBUF = 1 << 20
-#: Bytes discarded per recv_into when consuming held bytes (into one scratch buffer per connection).
-CONSUME_CHUNK = 1 << 20
-
-
-@functools.cache
-def _spliced_rcvbuf() -> int:
-    """SO_RCVBUF once a direction has caught up: SPLICED_RCVBUF, or tcp_rmem max if that is smaller."""
-    return min(SPLICED_RCVBUF, _full_rcvbuf())
 
 
 @functools.cache
@@ -149,7 +136,6 @@ class _TcpSession:
             Direction.TO_UPSTREAM: 0,
             Direction.TO_CLIENT: 0,
         }  # peeked, forwarded, still queued
-        self.scratch: bytearray | None = None  # where _consume discards held bytes
         self.pumps = 0  # pumps running
         self.watchdog = trio.CancelScope()
         # -- idle timeout: one watcher task per connection; the relay only stamps the time of activity --
@@ -638,7 +624,19 @@ class _TcpSession:
         """``stream.receive``; ``None`` if a splice request woke us (trio cancels before the syscall
         returns data, so nothing is lost)."""
         if self.splicing and isinstance(stream, SockStream):
-            return await self._peek_new(stream.sock, direction)
+            # Peek, forward, publish `forwarded`, only then consume.  Unconsumed bytes keep the receive
+            # buffer full, so a fast sender soon finds the TCP window closed and stops: userspace then
+            # catches up with everything the kernel passed (forwarded == passed) while no new skb can
+            # arrive, and the next one is redirected.  With plain reads a sender faster than Python
+            # would keep userspace one skb behind forever and the switch would never happen.
+            sock = stream.sock
+            size = max(RECV_SIZE, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+            data = await sock.recv(size, socket.MSG_PEEK)
+            if not data:
+                await self._confirm_eof(sock, direction)
+                data = await sock.recv(size, socket.MSG_PEEK)
+            self.unconsumed[direction] = len(data)
+            return data
         if self.raw:
             return await stream.receive(RECV_SIZE)  # nothing left to flush, ever
         scope = self.wake[direction] = trio.CancelScope()
@@ -646,56 +644,25 @@ class _TcpSession:
             return await stream.receive(RECV_SIZE)
         return None
 
-    async def _peek_new(self, sock: trio.socket.SocketType, direction: Direction) -> bytes:
-        """While spliced: the bytes queued on ``sock`` that the relay has not forwarded yet; ``b""`` at EOF.
+    async def _confirm_eof(self, sock: trio.socket.SocketType, direction: Direction) -> None:
+        """Return once an EOF read from a spliced ``sock`` is real: every byte the kernel passed was read.
 
-        The relay peeks, forwards, publishes ``forwarded`` (:meth:`_flush_raw`) and consumes only once it
-        has caught up with the kernel (``passed == read``).  Until then the forwarded bytes stay queued
-        ("held") at the head of the receive queue, and each peek returns the whole queue, of which only the
-        part beyond the held bytes is new.  Held bytes keep the receive buffer full, so a sender faster
-        than Python soon finds the TCP window closed and stops; userspace then catches up while no new
-        skb can arrive, consumes, and the next skb is redirected.  Consuming after every forward instead
-        reopened the window each time, and after a throttle userspace never caught up again (most of a
-        bulk transfer went through Python).
-
-        After a throttle the sink still has redirected bytes on their way into its write queue, and ours
-        must queue behind them: wait for that here, before peeking, so that meanwhile the source's queue
-        fills up and one peek usually returns everything the kernel passed.
+        The kernel reports EOF as soon as its FIN was processed and the psock's receive list is empty,
+        but passed skbs can still wait in the psock's backlog queue, behind skbs the peer redirected into
+        this socket (the queue is shared).  They arrive once the backlog worker gets to them; a read that
+        then finds data returns it to the caller instead.  No progress for ``idle_timeout`` resets.
         """
-        assert self.primary is not None
-        if direction is Direction.TO_UPSTREAM:
-            source, sink, sink_stream = self.client_slot, self.upstream_slot, self.primary.stream
-        else:
-            source, sink, sink_stream = self.upstream_slot, self.client_slot, self.client
-        assert source is not None and sink is not None and isinstance(sink_stream, SockStream)
+        source = self.client_slot if direction is Direction.TO_UPSTREAM else self.upstream_slot
+        if source is None:
+            return
         delay = 0.0005
-        while True:
-            held = self.unconsumed[direction]
-            if held and source.passed == self.read[direction]:
-                await self._consume(direction)  # caught up
-                continue
-            size = max(RECV_SIZE, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-            data = await sock.recv(size, socket.MSG_PEEK)
-            if len(data) > held:
-                if not sink.drained_into(source, sink_stream.sock):
-                    await self._wait_drained(sink, source, sink_stream)
-                    continue  # peek again: more has arrived meanwhile
-                self.unconsumed[direction] = len(data)
-                return data[held:] if held else data
-            if len(data) < held:
-                raise _End("peeked bytes vanished from the receive queue", reset=True, error=True)
-            if not data and source.passed <= self.read[direction]:
-                return data  # EOF, and every byte the kernel passed has been read
-            if held and len(data) >= size:
-                # The peek buffer holds only forwarded bytes (a queue larger than SO_RCVBUF says): consume
-                # them to see further.  Correct, only slower to catch up.
-                await self._consume(direction)
-                continue
-            # The kernel passed bytes that are not readable yet: counted before they are queued, or
-            # waiting in the psock's backlog queue behind skbs the peer redirected into this socket (one
-            # queue for both).  The kernel even reports EOF meanwhile, once the psock's receive list is
-            # empty: an EOF counts only after every passed byte was read.  No progress at all ends the
-            # connection through the idle timeout.
+        stalled = trio.current_time()
+        limit = self.ctx.idle_timeout if self.ctx.idle_timeout > 0 else math.inf
+        while source.passed > self.read[direction]:
+            if await sock.recv(1, socket.MSG_PEEK):
+                return
+            if trio.current_time() - stalled > limit:
+                raise _End("passed bytes never reached the receive queue after EOF", reset=True, error=True)
             await trio.sleep(delay)
             delay = min(delay * 2, 0.005)
 
@@ -721,31 +688,26 @@ class _TcpSession:
                 await SPLICE_SWITCH_HOOK()  # meanwhile the kernel passes (and counts) what arrives
             # Everything read in this direction has been written to the peer: the kernel may switch.
             source.set_forwarded(self.read[direction])
-            if source.passed == self.read[direction]:
-                await self._consume(direction)  # caught up; else the forwarded bytes stay held (_peek_new)
+            await self._consume(direction)
 
     async def _consume(self, direction: Direction) -> None:
-        """Drop the bytes :meth:`_peek_new` peeked and the relay forwarded (they are at the queue's head)."""
+        """Drop the bytes :meth:`_receive` peeked and the relay forwarded (they are at the queue's head)."""
         count, self.unconsumed[direction] = self.unconsumed[direction], 0
         assert self.primary is not None
         stream = self.client if direction is Direction.TO_UPSTREAM else self.primary.stream
         assert isinstance(stream, SockStream)
-        if count:
-            if self.scratch is None:
-                self.scratch = bytearray(CONSUME_CHUNK)
-            scratch = self.scratch
         while count:
-            got = await stream.sock.recv_into(scratch, min(count, CONSUME_CHUNK))
-            if not got:
+            data = await stream.sock.recv(min(count, 1 << 22))
+            if not data:
                 raise _End("peeked bytes vanished from the receive queue", reset=True, error=True)
-            count -= got
+            count -= len(data)
         source = self.client_slot if direction is Direction.TO_UPSTREAM else self.upstream_slot
         if source is not None and source.passed == self.read[direction] and direction not in self.restored:
             # Caught up: the next skb is redirected.  Give the socket its full receive buffer back (the
             # window now bounds only what a throttled connection holds in userspace's queue).
             self.restored.add(direction)
             with contextlib.suppress(OSError):
-                stream.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _spliced_rcvbuf() // 2)
+                stream.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _full_rcvbuf() // 2)
 
     async def _wait_drained(self, sink: SpliceSocket, source: SpliceSocket | None, stream: Stream) -> None:
         """Wait until every byte redirected into ``sink``'s socket (and all we wrote) is in its queue.
