@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -71,9 +72,16 @@ async def send_pattern(
 
 
 async def recv_pattern(
-    sock: trio.socket.SocketType, conn_id: int, direction: int, size: int, *, rate: float = 0
+    sock: trio.socket.SocketType,
+    conn_id: int,
+    direction: int,
+    size: int,
+    *,
+    rate: float = 0,
+    slow_bytes: int | None = None,
 ) -> int:
-    """Read and check ``size`` bytes; then expect EOF.  ``rate``: bytes/s limit (a slow reader)."""
+    """Read and check ``size`` bytes; then expect EOF.  ``rate``: bytes/s limit (a slow reader), for the
+    first ``slow_bytes`` only if given (then as fast as it can)."""
     offset = 0
     started = trio.current_time()
     while offset < size:
@@ -85,7 +93,7 @@ async def recv_pattern(
             bad = next(i for i in range(len(data)) if data[i] != expected[i])
             raise AssertionError(f"conn {conn_id} dir {direction}: wrong byte at offset {offset + bad}")
         offset += len(data)
-        if rate:
+        if rate and (slow_bytes is None or offset < slow_bytes):
             ahead = offset / rate - (trio.current_time() - started)
             if ahead > 0:
                 await trio.sleep(ahead)
@@ -126,6 +134,7 @@ class Upstream:
     results: dict[int, int] = field(default_factory=dict)  # conn id -> bytes received, checked
     errors: list[str] = field(default_factory=list)
     rate: float = 0.0  # bytes/s the upstream reads at (0: as fast as it can)
+    slow_bytes: int | None = None  # ... only the first slow_bytes at that rate
     resets: int = 0
 
 
@@ -145,7 +154,7 @@ async def _serve_upstream(up: Upstream, sock: trio.socket.SocketType) -> None:
             assert magic == MAGIC, header
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_pattern, sock, conn_id, 1, down_size, None)
-                got = await recv_pattern(sock, conn_id, 0, up_size, rate=up.rate)
+                got = await recv_pattern(sock, conn_id, 0, up_size, rate=up.rate, slow_bytes=up.slow_bytes)
             up.results[conn_id] = got
         except BaseException as exc:
             if _find(exc, ConnectionResetError):
@@ -390,22 +399,38 @@ async def test_switch_paused_while_both_stream(netns: NetNS, policy: str) -> Non
     """
     preamble = b"hello\nSPLICE\n"
     up_kw = {"preamble": preamble} if policy == "down" else {}
+    client_preamble = preamble if policy == "message" else b"PRE\n"
+    # What each slot's verdict may see at most: the client's and the upstream's whole stream.
+    totals = {
+        "client": len(client_preamble) + HEADER.size + 4_000_000,
+        "upstream": len(preamble if policy == "down" else b"PRE\n") + 4_000_000,
+    }
     async with (
         upstream_server(netns, **up_kw) as up,
-        proxy_process(netns, up, "--policy", policy, "--switch-pause", "0.3") as px,
+        proxy_process(
+            netns, up, "--policy", policy, "--switch-pause", "0.3", env={"SOCKPOLICY_LOG": "DEBUG"}
+        ) as px,
     ):
         with trio.fail_after(TIMEOUT):
             socks = client_sockets(netns, 4)
-            async with trio.open_nursery() as nursery:
-                for i, sock in enumerate(socks):
-                    rng = random.Random(i)
-                    nursery.start_soon(
-                        lambda s=sock, i=i, rng=rng: exchange(
-                            s, px.addr, 10 + i, 4_000_000, 4_000_000,
-                            preamble=preamble if policy == "message" else b"PRE\n", rng=rng,
-                        )
-                    )  # fmt: skip
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i, sock in enumerate(socks):
+                        rng = random.Random(i)
+                        nursery.start_soon(
+                            lambda s=sock, i=i, rng=rng: exchange(
+                                s, px.addr, 10 + i, 4_000_000, 4_000_000, preamble=client_preamble,
+                                rng=rng,
+                            )
+                        )  # fmt: skip
+            except BaseException as exc:
+                if _find(exc, (OSError, AssertionError)):
+                    await px.wait_idle()  # the failed connection's slot counters are logged at release
+                    xfail_if_kernel_duplicate(px.stderr(), totals)
+                raise
             stats = await px.wait_idle()
+        if up.errors:
+            xfail_if_kernel_duplicate(px.stderr(), totals)
     assert up.errors == [] and up.results == {10 + i: 4_000_000 for i in range(4)}
     assert_clean(stats)
     assert stats["splicer"]["spliced"] == 4
@@ -497,6 +522,72 @@ async def test_half_close_while_the_other_direction_drains(netns: NetNS) -> None
     assert up.errors == [] and up.results == {60 + i: 200_000 for i in range(8)}
     assert_clean(stats)
     assert stats["serve"]["bytes_spliced"] > 0, stats
+
+
+_SLOT_LINE = re.compile(
+    r"(client|upstream) mode=(\d+) passed=(\d+) forwarded=(\d+) redirected=(\d+) written=(\d+) "
+    r"throttles=(\d+) dropped=(\d+)"
+)
+
+
+def slot_counters(log: str) -> dict[str, dict[str, int]]:
+    """The slot counters the relay logs (debug) when it releases a connection, by side."""
+    names = ("mode", "passed", "forwarded", "redirected", "written", "throttles", "dropped")
+    return {m[1]: dict(zip(names, map(int, m.groups()[1:]), strict=True)) for m in _SLOT_LINE.finditer(log)}
+
+
+def xfail_if_kernel_duplicate(log: str, totals: dict[str, int]) -> None:
+    """xfail when a slot's verdict saw more bytes than its peer ever sent: the kernel ran the verdict
+    twice on one segment (one MSS redirected twice, docs/splice.md "What remains"), not a relay bug."""
+    names = ("mode", "passed", "forwarded", "redirected", "written", "throttles", "dropped")
+    for m in _SLOT_LINE.finditer(log):
+        counters = dict(zip(names, map(int, m.groups()[1:]), strict=True))
+        seen = counters["passed"] + counters["redirected"]
+        if seen > totals[m[1]]:
+            pytest.xfail(
+                f"known kernel duplicate: {m[1]} verdict saw {seen - totals[m[1]]} extra bytes {counters}"
+            )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="re-splicing after a throttle is not forced: holding (commit 529c3c6) made bulk 6-10x slower "
+    "here, so it was reverted; see docs/splice.md, Backpressure",
+)
+async def test_resplice_after_throttles(netns: NetNS) -> None:
+    """After a throttle the kernel takes the connection back, even from a sender faster than Python.
+
+    A small backlog bound and an upstream that reads slowly at first force several throttles; then it
+    reads as fast as it can.  The relay must catch up with what the kernel passed (it holds what it
+    forwarded, unconsumed, so the sender's window closes) and the verdict must splice again: most bytes
+    are redirected, and the connection ends spliced, i.e. it was re-spliced after its last throttle.
+    The relay that consumes after each forward (the current one) never catches up once the reader is
+    fast: most of the stream goes through Python, and this test fails (hence strict xfail).  With
+    holding (commit 529c3c6, reverted for throughput) it passed.
+    """
+    size = 48_000_000
+    async with (
+        upstream_server(netns, rate=2_000_000, slow_bytes=2_000_000) as up,
+        proxy_process(
+            netns, up, "--policy", "connect", "--backlog-high", "1048576", "--backlog-low", "262144",
+            env={"SOCKPOLICY_LOG": "DEBUG"},
+        ) as px,
+    ):  # fmt: skip
+        with trio.fail_after(TIMEOUT):
+            [sock] = client_sockets(netns, 1)
+            await exchange(sock, px.addr, 70, size, 10)
+            stats = await px.wait_idle()
+        log = px.stderr()
+    assert up.errors == [] and up.results == {70: size}
+    assert_clean(stats)
+    client = slot_counters(log)["client"]
+    assert client["throttles"] >= 2, client
+    assert client["redirected"] + client["passed"] == size + len(b"PRE\n") + HEADER.size, client
+    # Mostly in the kernel: userspace relays the first bytes, and after each throttle what was queued
+    # until it caught up.  The Python reader is slower than the kernel even when "fast", so throttles
+    # go on (7 to 17 per run); with holding: 65 to 86 % redirected; consuming after every forward: 5 to
+    # 20 %.
+    assert client["redirected"] >= 0.5 * size, client
 
 
 async def test_half_close_and_client_rst(netns: NetNS) -> None:
