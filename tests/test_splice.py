@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -31,6 +32,8 @@ import pytest
 import trio
 from _harness import NetNS
 
+from sockpolicy.proxy._streams import SockStream
+
 pytestmark = pytest.mark.privileged
 
 TIMEOUT = 60.0
@@ -40,6 +43,7 @@ _PATTERN = _BASE + _BASE[:65536]  # periodic: any slice of up to 64 KiB from any
 HEADER = struct.Struct("!4sIQQ")  # magic, connection id, bytes client -> upstream, bytes upstream -> client
 MAGIC = b"SPLC"
 LINGER_RST = struct.pack("ii", 1, 0)
+SO_SNDBUFFORCE = 32
 
 
 def pattern(conn_id: int, direction: int, offset: int, size: int) -> bytes:
@@ -68,9 +72,16 @@ async def send_pattern(
 
 
 async def recv_pattern(
-    sock: trio.socket.SocketType, conn_id: int, direction: int, size: int, *, rate: float = 0
+    sock: trio.socket.SocketType,
+    conn_id: int,
+    direction: int,
+    size: int,
+    *,
+    rate: float = 0,
+    slow_bytes: int | None = None,
 ) -> int:
-    """Read and check ``size`` bytes; then expect EOF.  ``rate``: bytes/s limit (a slow reader)."""
+    """Read and check ``size`` bytes; then expect EOF.  ``rate``: bytes/s limit (a slow reader), for the
+    first ``slow_bytes`` only if given (then as fast as it can)."""
     offset = 0
     started = trio.current_time()
     while offset < size:
@@ -82,7 +93,7 @@ async def recv_pattern(
             bad = next(i for i in range(len(data)) if data[i] != expected[i])
             raise AssertionError(f"conn {conn_id} dir {direction}: wrong byte at offset {offset + bad}")
         offset += len(data)
-        if rate:
+        if rate and (slow_bytes is None or offset < slow_bytes):
             ahead = offset / rate - (trio.current_time() - started)
             if ahead > 0:
                 await trio.sleep(ahead)
@@ -123,6 +134,7 @@ class Upstream:
     results: dict[int, int] = field(default_factory=dict)  # conn id -> bytes received, checked
     errors: list[str] = field(default_factory=list)
     rate: float = 0.0  # bytes/s the upstream reads at (0: as fast as it can)
+    slow_bytes: int | None = None  # ... only the first slow_bytes at that rate
     resets: int = 0
 
 
@@ -142,7 +154,7 @@ async def _serve_upstream(up: Upstream, sock: trio.socket.SocketType) -> None:
             assert magic == MAGIC, header
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_pattern, sock, conn_id, 1, down_size, None)
-                got = await recv_pattern(sock, conn_id, 0, up_size, rate=up.rate)
+                got = await recv_pattern(sock, conn_id, 0, up_size, rate=up.rate, slow_bytes=up.slow_bytes)
             up.results[conn_id] = got
         except BaseException as exc:
             if _find(exc, ConnectionResetError):
@@ -293,8 +305,14 @@ async def exchange(
     preamble: bytes = b"PRE\n",
     rng: random.Random | None = None,
     connected: bool = False,
+    down_rate: float = 0,
+    eof_delay: float = 0,
 ) -> None:
-    """One full connection: preamble + header + up_size bytes out, down_size bytes in, half-close."""
+    """One full connection: preamble + header + up_size bytes out, down_size bytes in, half-close.
+
+    ``down_rate``: bytes/s the client reads at (0: as fast as it can); ``eof_delay``: seconds between the
+    end of the upload and the half-close.
+    """
     with sock:
         if not connected:
             await sock.connect(addr)
@@ -309,12 +327,13 @@ async def exchange(
             rest = up_size - len(head)
             if rest:
                 await _send_from(sock, conn_id, len(head), rest, rng)
+            await trio.sleep(eof_delay)
             sock.shutdown(socket.SHUT_WR)  # half-close: the reply must still arrive in full
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)
             assert await skip_preamble(sock), f"conn {conn_id}: EOF before the upstream's preamble"
-            await recv_pattern(sock, conn_id, 1, down_size)
+            await recv_pattern(sock, conn_id, 1, down_size, rate=down_rate)
 
 
 async def _send_from(sock: trio.socket.SocketType, conn_id: int, offset: int, size: int, rng: Any) -> None:
@@ -371,18 +390,7 @@ async def test_client_sends_before_accept(netns: NetNS) -> None:
     assert stats["serve"]["bytes_spliced"] > 0, stats
 
 
-@pytest.mark.parametrize(
-    "policy",
-    [
-        "message",
-        # Known bug, open in issue 4: about 1 run in 10 (before and after the hot-path rewrite) the client
-        # sees ECONNRESET when the upstream speaks first and the switch is paused while both directions
-        # stream.  Not strict, so the other 9 runs still check the bytes; remove once fixed.
-        pytest.param(
-            "down", marks=pytest.mark.xfail(strict=False, reason="intermittent ECONNRESET, issue 4")
-        ),
-    ],
-)
+@pytest.mark.parametrize("policy", ["message", "down"])
 async def test_switch_paused_while_both_stream(netns: NetNS, policy: str) -> None:
     """Splice() from on_message, mid-chunk, with the switch held open while both sides keep sending.
 
@@ -391,26 +399,76 @@ async def test_switch_paused_while_both_stream(netns: NetNS, policy: str) -> Non
     """
     preamble = b"hello\nSPLICE\n"
     up_kw = {"preamble": preamble} if policy == "down" else {}
+    client_preamble = preamble if policy == "message" else b"PRE\n"
+    # What each slot's verdict may see at most: the client's and the upstream's whole stream.
+    totals = {
+        "client": len(client_preamble) + HEADER.size + 4_000_000,
+        "upstream": len(preamble if policy == "down" else b"PRE\n") + 4_000_000,
+    }
     async with (
         upstream_server(netns, **up_kw) as up,
-        proxy_process(netns, up, "--policy", policy, "--switch-pause", "0.3") as px,
+        proxy_process(
+            netns, up, "--policy", policy, "--switch-pause", "0.3", env={"SOCKPOLICY_LOG": "DEBUG"}
+        ) as px,
     ):
         with trio.fail_after(TIMEOUT):
             socks = client_sockets(netns, 4)
-            async with trio.open_nursery() as nursery:
-                for i, sock in enumerate(socks):
-                    rng = random.Random(i)
-                    nursery.start_soon(
-                        lambda s=sock, i=i, rng=rng: exchange(
-                            s, px.addr, 10 + i, 4_000_000, 4_000_000,
-                            preamble=preamble if policy == "message" else b"PRE\n", rng=rng,
-                        )
-                    )  # fmt: skip
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i, sock in enumerate(socks):
+                        rng = random.Random(i)
+                        nursery.start_soon(
+                            lambda s=sock, i=i, rng=rng: exchange(
+                                s, px.addr, 10 + i, 4_000_000, 4_000_000, preamble=client_preamble,
+                                rng=rng,
+                            )
+                        )  # fmt: skip
+            except BaseException as exc:
+                if _find(exc, (OSError, AssertionError)):
+                    await px.wait_idle()  # the failed connection's slot counters are logged at release
+                    xfail_if_kernel_duplicate(px.stderr(), totals)
+                raise
             stats = await px.wait_idle()
+        if up.errors:
+            xfail_if_kernel_duplicate(px.stderr(), totals)
     assert up.errors == [] and up.results == {10 + i: 4_000_000 for i in range(4)}
     assert_clean(stats)
     assert stats["splicer"]["spliced"] == 4
     assert stats["serve"]["bytes_spliced"] > 4_000_000, stats
+
+
+async def test_stream_receive_keeps_bytes_when_cancelled() -> None:
+    """The root cause of the old intermittent ECONNRESET (issue 4): the relay wakes a pump blocked in
+    ``SockStream.receive`` by cancelling it (a splice request), and ``receive`` used to lose the chunk
+    it had already read when the cancellation hit its periodic yield (every 4 reads that did not
+    wait).  The upstream then saw a gap in the stream at a multiple of 64 KiB and reset.
+
+    Every read here happens under an already-cancelled scope; a cancelled one is retried uncancelled.
+    Nothing may be lost, and the fast path must have been taken (so the yield was reached).
+    """
+    left, right = socket.socketpair()
+    with left, right:
+        # Queue everything before the first read, so that reads keep finding data without waiting.
+        left.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 << 20)
+        payload = pattern(50, 0, 0, 2 << 20)
+        left.sendall(payload)
+        left.shutdown(socket.SHUT_WR)
+        stream = SockStream(trio.socket.from_stdlib_socket(right))
+        got = bytearray()
+        fast = 0
+        while True:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                data = await stream.receive(65536)
+            if scope.cancelled_caught:
+                data = await stream.receive(65536)
+            else:
+                fast += 1
+            if not data:
+                break
+            got += data
+        assert fast >= 8, fast  # reads that completed although their scope was cancelled
+        assert bytes(got) == payload
 
 
 async def test_slow_reader_bounded_by_throttle(netns: NetNS) -> None:
@@ -430,6 +488,106 @@ async def test_slow_reader_bounded_by_throttle(netns: NetNS) -> None:
     assert_clean(stats)
     assert stats["kernel"]["throttled"] >= 1, stats
     assert stats["serve"]["bytes_spliced"] > 0, stats
+
+
+async def test_half_close_while_the_other_direction_drains(netns: NetNS) -> None:
+    """The client half-closes while the kernel is still redirecting the reply into its socket.
+
+    A client that reads the reply more slowly than the upstream sends it keeps the reply's redirected
+    skbs waiting in the client socket's psock queue (the send buffer is full).  The client's FIN arrives
+    as an empty skb; had the verdict passed it, it would have joined that same queue, and the kernel's
+    backlog worker, meeting a 0-byte skb, reports EPIPE and stops transmitting: the rest of the reply
+    was lost and the proxy reset the client (the second cause of issue 4; this test failed 2 runs in 6
+    with that verdict).
+    """
+    async with upstream_server(netns) as up, proxy_process(netns, up, "--policy", "connect") as px:
+        with trio.fail_after(TIMEOUT):
+            socks = client_sockets(netns, 8)
+            async with trio.open_nursery() as nursery:
+                for i, sock in enumerate(socks):
+                    # A small receive buffer: the proxy's send buffer towards the client fills up early.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+                    nursery.start_soon(
+                        lambda s=sock, i=i: exchange(
+                            s,
+                            px.addr,
+                            60 + i,
+                            200_000,
+                            8_000_000,
+                            down_rate=(0, 8e6)[i % 2],
+                            eof_delay=0.02 * i,
+                        )
+                    )
+            stats = await px.wait_idle()
+    assert up.errors == [] and up.results == {60 + i: 200_000 for i in range(8)}
+    assert_clean(stats)
+    assert stats["serve"]["bytes_spliced"] > 0, stats
+
+
+_SLOT_LINE = re.compile(
+    r"(client|upstream) mode=(\d+) passed=(\d+) forwarded=(\d+) redirected=(\d+) written=(\d+) "
+    r"throttles=(\d+) dropped=(\d+)"
+)
+
+
+def slot_counters(log: str) -> dict[str, dict[str, int]]:
+    """The slot counters the relay logs (debug) when it releases a connection, by side."""
+    names = ("mode", "passed", "forwarded", "redirected", "written", "throttles", "dropped")
+    return {m[1]: dict(zip(names, map(int, m.groups()[1:]), strict=True)) for m in _SLOT_LINE.finditer(log)}
+
+
+def xfail_if_kernel_duplicate(log: str, totals: dict[str, int]) -> None:
+    """xfail when a slot's verdict saw more bytes than its peer ever sent: the kernel ran the verdict
+    twice on one segment (one MSS redirected twice, docs/splice.md "What remains"), not a relay bug."""
+    names = ("mode", "passed", "forwarded", "redirected", "written", "throttles", "dropped")
+    for m in _SLOT_LINE.finditer(log):
+        counters = dict(zip(names, map(int, m.groups()[1:]), strict=True))
+        seen = counters["passed"] + counters["redirected"]
+        if seen > totals[m[1]]:
+            pytest.xfail(
+                f"known kernel duplicate: {m[1]} verdict saw {seen - totals[m[1]]} extra bytes {counters}"
+            )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="re-splicing after a throttle is not forced: holding (commit 529c3c6) made bulk 6-10x slower "
+    "here, so it was reverted; see docs/splice.md, Backpressure",
+)
+async def test_resplice_after_throttles(netns: NetNS) -> None:
+    """After a throttle the kernel takes the connection back, even from a sender faster than Python.
+
+    A small backlog bound and an upstream that reads slowly at first force several throttles; then it
+    reads as fast as it can.  The relay must catch up with what the kernel passed (it holds what it
+    forwarded, unconsumed, so the sender's window closes) and the verdict must splice again: most bytes
+    are redirected, and the connection ends spliced, i.e. it was re-spliced after its last throttle.
+    The relay that consumes after each forward (the current one) never catches up once the reader is
+    fast: most of the stream goes through Python, and this test fails (hence strict xfail).  With
+    holding (commit 529c3c6, reverted for throughput) it passed.
+    """
+    size = 48_000_000
+    async with (
+        upstream_server(netns, rate=2_000_000, slow_bytes=2_000_000) as up,
+        proxy_process(
+            netns, up, "--policy", "connect", "--backlog-high", "1048576", "--backlog-low", "262144",
+            env={"SOCKPOLICY_LOG": "DEBUG"},
+        ) as px,
+    ):  # fmt: skip
+        with trio.fail_after(TIMEOUT):
+            [sock] = client_sockets(netns, 1)
+            await exchange(sock, px.addr, 70, size, 10)
+            stats = await px.wait_idle()
+        log = px.stderr()
+    assert up.errors == [] and up.results == {70: size}
+    assert_clean(stats)
+    client = slot_counters(log)["client"]
+    assert client["throttles"] >= 2, client
+    assert client["redirected"] + client["passed"] == size + len(b"PRE\n") + HEADER.size, client
+    # Mostly in the kernel: userspace relays the first bytes, and after each throttle what was queued
+    # until it caught up.  The Python reader is slower than the kernel even when "fast", so throttles
+    # go on (7 to 17 per run); with holding: 65 to 86 % redirected; consuming after every forward: 5 to
+    # 20 %.
+    assert client["redirected"] >= 0.5 * size, client
 
 
 async def test_half_close_and_client_rst(netns: NetNS) -> None:

@@ -292,10 +292,21 @@ int splice_verdict(struct __sk_buff *skb)
     if (!c || c->owner != cookie)
         return SK_PASS;
     __u32 len = skb->len;
-    if (len == 0)
-        // A bare FIN arrives as an empty skb.  Redirected, it makes the peer's backlog report EPIPE on the
-        // peer socket (observed on 6.18), so keep it here: userspace sees the EOF and propagates it.
-        return SK_PASS;
+    if (len == 0) {
+        // A bare FIN arrives as an empty skb.  TCP has already taken the FIN into account (SOCK_DONE,
+        // RCV_SHUTDOWN) when the verdict runs, so the skb carries nothing: userspace reads the EOF anyway.
+        // Redirected, it makes the peer's psock report EPIPE on the peer socket (observed on 6.18).
+        // Passed, it is the same whenever this socket's psock queue already holds skbs, i.e. skbs the
+        // PEER redirected here that wait for send buffer: the kernel's backlog worker then meets a 0-byte
+        // skb, treats it as a hard error (EPIPE on this socket, transmission disabled), and every
+        // redirected byte queued behind it is never sent (observed: the client of a spliced connection
+        // half-closed while the other direction was still draining into it).  So once splicing was
+        // asked for, drop it.  Userspace must then not trust an EOF while passed bytes are still unread
+        // (they may sit in that same queue): see _tcp.py (_receive).
+        if (*(volatile __u32 *)&c->mode == MODE_PASS)
+            return SK_PASS;
+        return SK_DROP;
+    }
     c->skbs++; // only this socket's verdict writes it, and its runs are serialised by the socket lock
     if (cfg(CFG_RULES, 0)) {
         // Before the splice logic, in every mode: a message a rule drops or diverts is neither handed to

@@ -30,7 +30,8 @@ class SockStream:
 
     The relay's hot path: reads and writes go straight to the (non-blocking) socket and only wait for
     readiness when the kernel says ``EAGAIN``; a successful call does not yield to the trio scheduler,
-    so :meth:`receive` checkpoints itself every few reads that did not have to wait.
+    so :meth:`receive` yields itself every few reads that did not have to wait.  :meth:`receive` is
+    cancellation-safe: once it has read bytes it returns them, whatever was cancelled meanwhile.
     """
 
     #: Reads in a row that did not wait before :meth:`receive` yields anyway (fairness, cancellation).
@@ -63,7 +64,10 @@ class SockStream:
                 self._unyielded += 1
                 if self._unyielded >= self.YIELD_EVERY:
                     self._unyielded = 0
-                    await trio.lowlevel.checkpoint()
+                    # Shielded: the bytes are already out of the socket, so a cancellation here (the
+                    # relay's wake scope, see _tcp._receive) would lose them.  It takes effect at the
+                    # next wait instead.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         # Request/response: nothing is queued yet; wait first rather than read EAGAIN.
         self._unyielded = 0

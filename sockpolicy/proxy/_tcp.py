@@ -632,6 +632,9 @@ class _TcpSession:
             sock = stream.sock
             size = max(RECV_SIZE, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
             data = await sock.recv(size, socket.MSG_PEEK)
+            if not data:
+                await self._confirm_eof(sock, direction)
+                data = await sock.recv(size, socket.MSG_PEEK)
             self.unconsumed[direction] = len(data)
             return data
         if self.raw:
@@ -640,6 +643,28 @@ class _TcpSession:
         with scope:
             return await stream.receive(RECV_SIZE)
         return None
+
+    async def _confirm_eof(self, sock: trio.socket.SocketType, direction: Direction) -> None:
+        """Return once an EOF read from a spliced ``sock`` is real: every byte the kernel passed was read.
+
+        The kernel reports EOF as soon as its FIN was processed and the psock's receive list is empty,
+        but passed skbs can still wait in the psock's backlog queue, behind skbs the peer redirected into
+        this socket (the queue is shared).  They arrive once the backlog worker gets to them; a read that
+        then finds data returns it to the caller instead.  No progress for ``idle_timeout`` resets.
+        """
+        source = self.client_slot if direction is Direction.TO_UPSTREAM else self.upstream_slot
+        if source is None:
+            return
+        delay = 0.0005
+        stalled = trio.current_time()
+        limit = self.ctx.idle_timeout if self.ctx.idle_timeout > 0 else math.inf
+        while source.passed > self.read[direction]:
+            if await sock.recv(1, socket.MSG_PEEK):
+                return
+            if trio.current_time() - stalled > limit:
+                raise _End("passed bytes never reached the receive queue after EOF", reset=True, error=True)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.005)
 
     async def _flush_raw(self, direction: Direction) -> None:
         """After a splice request: forward a framer's buffered bytes, then publish what was forwarded."""
