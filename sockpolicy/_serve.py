@@ -651,6 +651,10 @@ class Runtime:
         self.splicer: Any = None
         self.stats: list[Any] = []  # ServeStats of the trio workers in this process
         self.expired = False
+        #: the trio run serving in this process (single worker): the handoff thread calls into it
+        self.trio_token: Any = None
+        self._offered: list[Any] = []  # splicers whose maps went into a handoff offer
+        self._adopted_splicers: dict[int, Any] = {}  # the predecessor's splicers, by its offer's index
 
     def __enter__(self) -> Runtime:
         try:
@@ -689,6 +693,8 @@ class Runtime:
             steering(config, self.socket_sets[0], adopted=adopted, inherited=inherited)
         )
         steer = self.steer
+        if adopted is not None and adopted.spliced:
+            self._adopt_spliced(adopted)
         _handoff.write_state(
             directory,
             config.label,
@@ -696,7 +702,11 @@ class Runtime:
         )
         self.stack.callback(_handoff.remove_state, directory, config.label, os.getpid())
         self.handoff = _handoff.HandoffServer(
-            directory, config.label, self._offer, lambda: os.kill(os.getpid(), signal.SIGTERM)
+            directory,
+            config.label,
+            self._offer,
+            lambda: os.kill(os.getpid(), signal.SIGTERM),
+            self._hand_over_spliced,
         )
         self.stack.callback(self.handoff.close)
         if config.metrics is not None:
@@ -708,47 +718,138 @@ class Runtime:
             steer.can_unload = False
             log.info("running as user %r with no capabilities", config.user)
 
-    def _open_splicer(self, adopted: Adopted | None) -> Any:
-        """``--splice``: open the Splicer (moves this process into its cgroup), or log one line why not."""
+    def _splice_refusal(self) -> str | None:
+        """Why ``--splice`` cannot be honoured with this config (one line), or None."""
         config = self.config
         if config.workers > 1:
-            log.warning(
-                "splice: not with --workers %d (each worker would need its own splicer and listening "
-                "sockets created in its own cgroup); serving in userspace",
-                config.workers,
+            return (
+                f"not with --workers {config.workers} (each worker would need its own splicer and listening "
+                "sockets created in its own cgroup)"
             )
-            return None
         if config.upstream is None and config.policy is None:
-            log.warning(
-                "splice: no --upstream: the built-in echo service has no socket to splice to; "
-                "serving in userspace"
-            )
-            return None
-        from .proxy import Splicer, SpliceUnavailable
+            return "no --upstream: the built-in echo service has no socket to splice to"
+        return None
 
+    def _open_splicer(self, adopted: Adopted | None) -> Any:
+        """``--splice``: open the Splicer (moves this process into its cgroup), or log one line why not.
+
+        The cgroup is named after the network namespace and the label, so that it is the same for
+        every ``serve`` of the label: a successor's adopted listening sockets (created in it by the
+        predecessor) then accept into it.  A splicing predecessor hands over its SOCK_OPS link, which
+        we update to our program (from then on every new connection is enrolled in our maps), and its
+        splice maps, which keep its connections (and the ones it hands over) spliced.
+        """
+        refusal = self._splice_refusal()
+        if refusal is not None:
+            log.warning("splice: %s; serving in userspace", refusal)
+            return None
+        from ._objects import Link, Map
+        from .proxy import Splicer, SpliceUnavailable
+        from .proxy._splice import MAP_NAMES
+
+        link = None
+        maps: list[Any] = []
+        pids: list[int] = []
+        if adopted is not None and adopted.splice is not None:
+            fds, adopted.splice_fds = adopted.splice_fds, []
+            if adopted.splice.get("link"):
+                link = Link(fds.pop(0), description=f"splice SOCK_OPS link of pid {adopted.pid}")
+            maps = [Map(fd) for fd in fds]
+            pids = [int(pid) for pid in adopted.splice.get("pids", [])]
+        name = f"{os.stat('/proc/self/ns/net').st_ino}-{self.config.label}"
         try:
-            splicer = Splicer.open()
+            splicer = Splicer.open(name=name, link=link)
         except SpliceUnavailable as exc:
             log.warning("splice: unavailable (%s), serving in userspace: %s", exc.feature, exc)
+            if link is not None:
+                link.close()
+            for m in maps:
+                m.close()
             return None
         self.stack.callback(self._close_splicer, splicer)
-        if adopted is not None and adopted.sockets:
-            log.warning(
-                "splice: the %d listening sockets adopted from pid %d belong to its cgroup, so connections "
-                "accepted on them are relayed in userspace (docs/operations.md)",
-                len(adopted.sockets),
-                adopted.pid,
-            )
+        count = len(MAP_NAMES)
+        for index, pid in enumerate(pids):
+            group = maps[index * count : (index + 1) * count]
+            try:
+                self._adopted_splicers[index] = Splicer.adopt(group, pid)
+            except SpliceUnavailable as exc:
+                log.warning("splice: cannot use the splice maps of pid %d: %s", pid, exc)
+            else:
+                splicer.adopted.append(self._adopted_splicers[index])
+        for m in maps[len(pids) * count :]:
+            m.close()
+        if adopted is not None:
+            adopted.take_splice = True
+            if adopted.sockets and link is None:
+                log.warning(
+                    "splice: the %d listening sockets adopted from pid %d belong to its cgroup, so "
+                    "connections accepted on them are relayed in userspace (docs/operations.md)",
+                    len(adopted.sockets),
+                    adopted.pid,
+                )
         return splicer
+
+    def _adopt_spliced(self, adopted: Adopted) -> None:
+        """Claim the slots of the spliced connections the predecessor handed over; queue them for
+        ``serve()`` (which runs them with :func:`~sockpolicy.proxy._tcp.run_adopted_splice`)."""
+        from .proxy import SpliceUnavailable
+        from .proxy._splice import AdoptedPair
+        from .proxy._streams import abort_socket
+
+        splicer = self.splicer
+        for meta, client, upstream in adopted.spliced:
+            try:
+                owner = self._adopted_splicers.get(int(meta["splicer"]))
+                if owner is None:
+                    raise SpliceUnavailable("restart", "its splice maps were not adopted")
+                client_slot = owner.adopt_slot(client, *meta["client"])
+                try:
+                    upstream_slot = owner.adopt_slot(upstream, *meta["upstream"])
+                except SpliceUnavailable:
+                    client_slot.release()
+                    raise
+            except (SpliceUnavailable, IndexError, KeyError, TypeError, ValueError) as exc:
+                # Reset both sides: the connection cannot be served any more (its state is lost).
+                log.warning(
+                    "splice: a spliced connection from pid %d cannot be adopted: %s", adopted.pid, exc
+                )
+                abort_socket(client)
+                abort_socket(upstream)
+                continue
+            client.setblocking(False)
+            upstream.setblocking(False)
+            splicer.adopted_pairs.append(
+                AdoptedPair(client, upstream, client_slot, upstream_slot, adopted.pid)
+            )
+            splicer.stats.adopted += 1
+        adopted.spliced = []
+        log.info(
+            "splice: adopted %d spliced connections from pid %d", len(splicer.adopted_pairs), adopted.pid
+        )
 
     @staticmethod
     def _close_splicer(splicer: Any) -> None:
+        from .proxy._splice import QUARANTINE
+
         stats = splicer.stats
+        if not splicer.exported:
+            # Let the last slots out of quarantine, so that the line below shows what was really left.
+            time.sleep(QUARANTINE)
+            splicer.sweep()
+        entries = splicer.entries()
         log.info(
-            "splice: %d connections spliced (%d bytes), %d relayed in userspace",
+            "splice: %d connections spliced (%d bytes), %d relayed in userspace; %d adopted, %d handed over; "
+            "left in the maps: socks=%d slot_of=%d owners=%d claimed=%d%s",
             stats.spliced,
             stats.bytes_spliced,
             stats.fallbacks,
+            stats.adopted,
+            stats.handed_over,
+            entries["socks"],
+            entries["slot_of"],
+            entries["owners"],
+            entries["claimed"],
+            " (the successor has them)" if splicer.exported else "",
         )
         splicer.close()
 
@@ -756,7 +857,12 @@ class Runtime:
         from ._handoff import HandoffBusy, request_handoff
 
         try:
-            adopted = request_handoff(directory, self.config.label, takeover=self.config.takeover)
+            adopted = request_handoff(
+                directory,
+                self.config.label,
+                takeover=self.config.takeover,
+                splice=self.config.splice and self._splice_refusal() is None,
+            )
         except HandoffBusy as busy:
             raise ConfigError(
                 f"label {self.config.label!r} is already being served by another process (pid {busy.pid}); "
@@ -771,12 +877,66 @@ class Runtime:
             )
         return adopted
 
-    def _offer(self) -> Any:
+    def _offer(self, splice: bool = False) -> Any:
+        """The handoff offer (in the handoff thread); with ``splice``, our splicing state too."""
         from ._handoff import Offer
 
         assert self.steer is not None
         socks = [item for sockets in self.socket_sets for item in sockets.items()]
-        return Offer(socks, self.steer.added_json(), self.steer.created)
+        offer = Offer(socks, self.steer.added_json(), self.steer.created)
+        if splice and self.splicer is not None and self.trio_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                offer.splice, offer.splice_fds = trio.from_thread.run_sync(
+                    self._splice_offer, trio_token=self.trio_token
+                )
+        return offer
+
+    def _splice_offer(self) -> tuple[dict[str, Any], list[int]]:
+        """In the trio thread: our SOCK_OPS link and the maps of our splicer and of those we adopted.
+
+        The fds are ours; SCM_RIGHTS gives the successor its own.  The list of splicers is fixed here,
+        and :meth:`_hand_over_spliced` refers to it.
+        """
+        splicer = self.splicer
+        link = splicer.sockops_link()
+        self._offered = [splicer, *splicer.adopted]
+        fds = [link.fd] if link is not None else []
+        for offered in self._offered:
+            fds += [m.fd for m in offered.export_maps()]
+        pids = [os.getpid(), *(offered.adopted_from for offered in self._offered[1:])]
+        return {"link": link is not None, "pids": pids}, fds
+
+    def _hand_over_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """In the handoff thread, once a splicing successor adopted everything: hand it our fully
+        spliced connections (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
+        if self.trio_token is None or not self._offered:
+            return [], []
+        try:
+            return trio.from_thread.run_sync(self._detach_spliced, trio_token=self.trio_token)
+        except trio.RunFinishedError:
+            return [], []
+
+    def _detach_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
+        offered = self._offered
+        for splicer in offered:
+            splicer.mark_exported()  # the successor holds the maps: keep the verdict attached at exit
+        metas: list[dict[str, Any]] = []
+        fds: list[int] = []
+        for session in list(self.splicer.sessions):
+            got = session.hand_over()
+            if got is None:
+                continue
+            client_fd, upstream_fd, client, upstream = got
+            metas.append(
+                {
+                    "splicer": offered.index(client.splicer),
+                    "client": [client.cookie, client.slot, client.base],
+                    "upstream": [upstream.cookie, upstream.slot, upstream.base],
+                }
+            )
+            fds += [client_fd, upstream_fd]
+        self.splicer.stats.handed_over += len(metas)
+        return metas, fds
 
     def _setup_metrics(self) -> None:
         from ._dispatcher import Dispatcher
@@ -937,6 +1097,8 @@ async def run_worker(
 
     if policy is None:
         policy = runtime.policy if runtime is not None else reloadable(config.policy)
+    if runtime is not None:
+        runtime.trio_token = trio.lowlevel.current_trio_token()  # for the handoff thread (splicing)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(
