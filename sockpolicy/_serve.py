@@ -78,6 +78,8 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_HANDOFF_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_CONN_LOG_INTERVAL = 60.0
+#: seconds a stopping serve keeps trying to hand its spliced connections to a splicing successor
+HAND_OVER_WINDOW = 2.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 MAX_WORKERS = 256
@@ -911,20 +913,40 @@ class Runtime:
         spliced connections (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
         if self.trio_token is None or not self._offered:
             return [], []
-        try:
-            return trio.from_thread.run_sync(self._detach_spliced, trio_token=self.trio_token)
-        except trio.RunFinishedError:
-            return [], []
+        metas: list[dict[str, Any]] = []
+        fds: list[int] = []
+        # A spliced connection is handed over only at a quiet moment (hand_over()); one that is not, e.g.
+        # throttled right now, usually is a few milliseconds later: retry for a while.  Whatever is still
+        # not quiet then keeps draining here.
+        deadline = time.monotonic() + HAND_OVER_WINDOW
+        while True:
+            try:
+                waiting = trio.from_thread.run_sync(
+                    self._detach_spliced, metas, fds, trio_token=self.trio_token
+                )
+            except trio.RunFinishedError:
+                break
+            if not waiting or time.monotonic() >= deadline:
+                if waiting:
+                    log.info("splice: %d spliced connections were never quiet; they drain here", waiting)
+                break
+            time.sleep(0.01)
+        self.splicer.stats.handed_over += len(metas)
+        return metas, fds
 
-    def _detach_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
+    def _detach_spliced(self, metas: list[dict[str, Any]], fds: list[int]) -> int:
+        """In the trio thread: hand over what is quiet now (appended to ``metas`` and ``fds``); returns
+        how many spliced connections are not quiet yet."""
         offered = self._offered
         for splicer in offered:
             splicer.mark_exported()  # the successor holds the maps: keep the verdict attached at exit
-        metas: list[dict[str, Any]] = []
-        fds: list[int] = []
+        waiting = 0
         for session in list(self.splicer.sessions):
+            if not session.splicing or session.end is not None or session.client_slot is None:
+                continue  # relayed in userspace, ending, or handed over already
             got = session.hand_over()
             if got is None:
+                waiting += 1
                 continue
             client_fd, upstream_fd, client, upstream = got
             metas.append(
@@ -935,8 +957,7 @@ class Runtime:
                 }
             )
             fds += [client_fd, upstream_fd]
-        self.splicer.stats.handed_over += len(metas)
-        return metas, fds
+        return waiting
 
     def _setup_metrics(self) -> None:
         from ._dispatcher import Dispatcher

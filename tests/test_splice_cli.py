@@ -7,9 +7,11 @@ clients dial 127.0.0.1:8080, which the dispatcher steers to the proxy.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -31,11 +33,12 @@ def pattern(seed: int, size: int = SIZE) -> bytes:
 
 
 class EchoUpstream:
-    """Echoes every connection until EOF, then half-closes."""
+    """Echoes every connection until EOF, then half-closes.  Counts connections ended by an RST."""
 
     def __init__(self, ns: Any) -> None:
         self.listener = ns.call(lambda: socket.create_server(("127.0.0.1", 0)))
         self.port = self.listener.getsockname()[1]
+        self.resets = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -46,13 +49,14 @@ class EchoUpstream:
                 return
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _echo(self, conn: socket.socket) -> None:
         with conn:
             try:
                 while data := conn.recv(1 << 16):
                     conn.sendall(data)
                 conn.shutdown(socket.SHUT_WR)
+            except ConnectionResetError:
+                self.resets += 1
             except OSError:
                 pass
 
@@ -196,37 +200,139 @@ def test_serve_splice_forced_fallback(
     assert "splice: enabled" not in text
 
 
-def test_reload_splice_keeps_spliced_connection_during_drain(
+class Stream:
+    """A client that streams a pattern through the proxy to the echo upstream, paced, and checks every
+    byte it gets back (both directions move at once).  :meth:`finish` half-closes and reads to EOF."""
+
+    CHUNK = 64 << 10
+    PERIOD = (4 << 20) + 7  # the pattern repeats with a period that no chunk boundary lines up with
+
+    def __init__(self, sock: socket.socket, seed: int, rate: float = 8e6) -> None:
+        self.sock = sock
+        self.data = pattern(seed, self.PERIOD + self.CHUNK + (1 << 16))  # wrap-around without slicing twice
+        self.sent = 0
+        self.got = 0
+        self.eof = False
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._rate = rate
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._writer = threading.Thread(target=self._write, daemon=True)
+        self._reader.start()
+        self._writer.start()
+
+    def _write(self) -> None:
+        started = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                at = self.sent % self.PERIOD
+                self.sock.sendall(self.data[at : at + self.CHUNK])
+                self.sent += self.CHUNK
+                ahead = self.sent / self._rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        except BaseException as exc:
+            self.error = exc
+
+    def _read(self) -> None:
+        try:
+            while chunk := self.sock.recv(1 << 16):
+                at = self.got % self.PERIOD
+                if chunk != self.data[at : at + len(chunk)]:
+                    raise AssertionError(f"stream corrupted at byte {self.got}")
+                self.got += len(chunk)
+            self.eof = True
+        except BaseException as exc:
+            self.error = exc
+
+    def progress(self, seconds: float) -> None:
+        """Both directions move for ``seconds`` (fails on an error)."""
+        start = self.got
+        time.sleep(seconds)
+        assert self.error is None, self.error
+        assert self.got > start, "no bytes came back"
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._writer.join(30)
+        assert self.error is None, self.error
+        self.sock.shutdown(socket.SHUT_WR)
+        self._reader.join(30)
+        assert not self._reader.is_alive(), f"no EOF: {self.got} of {self.sent} bytes back"
+        assert self.error is None, self.error
+        assert self.eof and self.got == self.sent, (self.got, self.sent)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def fds_of(pid: int) -> list[str]:
+    """What a process's fds point to (socket:[...], anon_inode:bpf-map, ...), sorted."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    out = []
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = re.sub(r"\[\d+\]$", "", os.readlink(fd))
+            out.append("LOG" if target.endswith(".log") else target)  # each process has its own log
+    return sorted(out)
+
+
+def test_reload_hands_spliced_connections_to_the_successor(
     netns: Any, upstream: EchoUpstream, tmp_path: Path
 ) -> None:
-    """A spliced connection stays with the old process (its sockets are that process's fds): it keeps
-    working, spliced, through the restart, until the old process's drain timeout ends it."""
+    """A reload with spliced connections streaming both ways: the old process hands them over and exits
+    (long before its drain timeout), and they keep moving bytes, byte-exact, through the successor,
+    which also propagates EOF and RST and frees everything afterwards."""
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
-    args = serve_args(upstream, "--drain-timeout", "6")
+    args = serve_args(upstream, "--drain-timeout", "60")
     old = start(netns, old_log, *args)
     new = None
+    kept = doomed = None
     try:
+        wait_for("the old serve", lambda: "serving 1 TCP" in old_log.read_text())
+        baseline = fds_of(old.pid)
         kept = connect(netns)
-        with kept:
-            first = pattern(4, 1 << 20)
-            assert exchange(kept, first, end=False) == first
-            new = start(netns, new_log, *args, command="reload")
-            wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
-            # The old connection still works (the old process is draining), and is still spliced.
-            second = pattern(5, 1 << 20)
-            assert exchange(kept, second, end=False) == second
-            # A new connection goes to the successor, on the adopted listener: relayed in userspace.
-            data = pattern(6)
-            with connect(netns) as sock:
-                assert exchange(sock, data, end=True) == data
-            # The drain timeout ends the old process, and with it the connection (its fds).
-            old.wait(timeout=20)
-            kept.settimeout(5)
-            with contextlib.suppress(ConnectionResetError):
-                while kept.recv(1 << 16):
-                    pass
+        stream = Stream(kept, seed=7)
+        stream.progress(1.0)
+        doomed = connect(netns)
+        doomed_stream = Stream(doomed, seed=8, rate=1e6)
+        doomed_stream.progress(1.0)
+        new = start(netns, new_log, *args, command="reload")
+        wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
+        old.wait(timeout=20)  # not the 60 s drain: nothing was left to drain
+        assert gone(old.pid)
+        old_text = old_log.read_text()
+        assert "handed 2 spliced connections to pid" in old_text, old_text
+        # The connections outlived the process that accepted them, still byte-exact both ways.
+        stream.progress(1.0)
+        doomed_stream.progress(0.5)
+        # An RST from the client reaches the upstream through the successor.
+        doomed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        doomed.close()
+        wait_for("the RST at the upstream", lambda: upstream.resets >= 1)
+        # Half-close: EOF reaches the upstream, whose EOF comes back after every byte.
+        stream.finish()
+        kept.close()
+        # A new connection, accepted by the successor on the adopted listener: spliced.
+        data = pattern(9)
+        with connect(netns) as sock:
+            assert exchange(sock, data, end=True) == data
+        wait_for(
+            "the adopted maps to be released",
+            lambda: "released the splice maps adopted from pid" in new_log.read_text(),
+        )
+        # No fd leak: the successor holds what the old process held before the connections.
+        wait_for("the successor's fds", lambda: fds_of(new.pid) == baseline, timeout=5)
         assert new.poll() is None
     finally:
+        for sock in (kept, doomed):
+            if sock is not None:
+                sock.close()
         code, _ = stop(old)
         if new is not None:
             new_code, _ = stop(new)
@@ -234,6 +340,14 @@ def test_reload_splice_keeps_spliced_connection_during_drain(
     old_text, new_text = old_log.read_text(), new_log.read_text()
     assert code == 0, old_text
     assert new_code == 0, new_text
-    assert re.search(r"splice: 1 connections spliced \([1-9]\d* bytes\)", old_text), old_text
-    assert "listening sockets adopted from pid" in new_text, new_text
-    assert re.search(r"splice: 0 connections spliced \(0 bytes\), 1 relayed in userspace", new_text), new_text
+    assert "took over the SOCK_OPS attachment of cgroup" in new_text, new_text
+    assert "adopted 2 spliced connections from pid" in new_text, new_text
+    # The bytes of a connection are counted where it ends: the old process counts none of the two.
+    assert (
+        "splice: 2 connections spliced (0 bytes), 0 relayed in userspace; 0 adopted, 2 handed over"
+        in old_text
+    )
+    spliced = r"splice: 1 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace; "
+    left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
+    assert re.search(spliced + "2 adopted, 0 handed over; " + left, new_text), new_text
+    assert "Traceback" not in old_text + new_text
