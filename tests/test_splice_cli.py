@@ -351,3 +351,115 @@ def test_reload_hands_spliced_connections_to_the_successor(
     left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
     assert re.search(spliced + "2 adopted, 0 handed over; " + left, new_text), new_text
     assert "Traceback" not in old_text + new_text
+
+
+def test_reload_under_load_refuses_nothing_and_splices_on_adopted_listeners(
+    netns: Any, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """50 new connections per second through a reload: none refused or corrupted, and the successor
+    splices what it accepts on the adopted listener.  The only fallbacks allowed are connections the old
+    program enrolled while the SOCK_OPS link switched over, each with that reason logged."""
+    from test_restart import Load
+
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    args = serve_args(upstream)
+    old = start(netns, old_log, *args)
+    new = None
+    try:
+        wait_for("the old serve", lambda: "serving 1 TCP" in old_log.read_text())
+        with Load(netns, rate=50) as load:
+            time.sleep(1.0)
+            new = start(netns, new_log, *args, command="reload")
+            wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
+            old.wait(timeout=20)
+            time.sleep(2.0)
+        assert load.errors == [], load.errors[:5]
+        assert load.ok > 100
+        # Everything the old process enrolled is gone from its maps, which the successor then drops.
+        wait_for(
+            "the adopted maps to be released",
+            lambda: "released the splice maps adopted from pid" in new_log.read_text(),
+            timeout=10,
+        )
+    finally:
+        code, _ = stop(old)
+        if new is not None:
+            new_code, _ = stop(new)
+        sockpolicy(netns, "unload")
+    old_text, new_text = old_log.read_text(), new_log.read_text()
+    assert code == 0, old_text
+    assert new_code == 0, new_text
+    match = re.search(
+        r"splice: (\d+) connections spliced \(\d+ bytes\), (\d+) relayed in userspace", new_text
+    )
+    assert match, new_text
+    spliced, relayed = int(match.group(1)), int(match.group(2))
+    assert spliced >= 90, new_text  # about 2 s at 50/s after the switch
+    assert relayed == new_text.count("established while the restart switched over"), new_text
+    assert "left in the maps: socks=0 slot_of=0 owners=0 claimed=0" in new_text, new_text
+
+
+def test_sigkill_then_serve_splices_again(netns: Any, upstream: EchoUpstream, tmp_path: Path) -> None:
+    """A killed splicing serve leaves its (empty) cgroup behind; the next serve reuses it and splices."""
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start(netns, first_log, *serve_args(upstream))
+    second = None
+    try:
+        with connect(netns) as sock:
+            assert exchange(sock, b"x" * 1000, end=True) == b"x" * 1000
+        first.kill()
+        first.wait(timeout=10)
+        second = start(netns, second_log, *serve_args(upstream))
+        data = pattern(10)
+        with connect(netns) as sock:
+            assert exchange(sock, data, end=True) == data
+    finally:
+        stop(first)
+        if second is not None:
+            code, _ = stop(second)
+        sockpolicy(netns, "unload")
+    text = second_log.read_text()
+    assert code == 0, text
+    assert "taking over the bindings of serve pid" in text, text
+    assert re.search(r"splice: 1 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace", text), text
+    assert "left in the maps: socks=0 slot_of=0 owners=0 claimed=0" in text, text
+    assert "Traceback" not in text
+
+
+def test_reload_without_splice_leaves_spliced_connections_draining(
+    netns: Any, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """A successor without --splice takes nothing splice-related: the old process keeps its spliced
+    connection (working, spliced) until its drain timeout ends it, and stops enrolling new ones."""
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    args = serve_args(upstream, "--drain-timeout", "4")
+    old = start(netns, old_log, *args)
+    new = None
+    try:
+        with connect(netns) as kept:
+            first = pattern(4, 1 << 20)
+            assert exchange(kept, first, end=False) == first
+            new = start(netns, new_log, *args[1:], command="reload")  # without --splice
+            wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
+            second = pattern(5, 1 << 20)
+            assert exchange(kept, second, end=False) == second
+            data = pattern(6)
+            with connect(netns) as sock:
+                assert exchange(sock, data, end=True) == data
+            old.wait(timeout=20)  # the drain timeout ends the old process, and with it the connection
+            kept.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while kept.recv(1 << 16):
+                    pass
+        assert new.poll() is None
+    finally:
+        code, _ = stop(old)
+        if new is not None:
+            new_code, _ = stop(new)
+        sockpolicy(netns, "unload")
+    old_text, new_text = old_log.read_text(), new_log.read_text()
+    assert code == 0, old_text
+    assert new_code == 0, new_text
+    spliced = r"splice: 1 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace; 0 adopted, 0 handed"
+    assert re.search(spliced, old_text), old_text
+    assert "splice:" not in new_text, new_text

@@ -298,6 +298,7 @@ class Splicer:
         self._owners: Hash[int, int] | None = None
         self._claimed: dict[int, int] = {}  # slot -> cookie of sockets the relay uses
         self._quarantine: dict[int, tuple[int, float]] = {}  # slot -> (cookie, freed at)
+        self._orphans: set[int] = set()  # adopted splicer: slots the predecessor released, seen last sweep
         self._cgroup: Path | None = None
         self._created_cgroup = False
         self._named = False  # a cgroup named by the caller (shared across a restart): last one out removes
@@ -571,6 +572,20 @@ class Splicer:
         self._claimed[slot] = cookie
         return handle
 
+    def _orphan(self, owner: int) -> bool:
+        """In a predecessor's maps (:meth:`adopt`): whether the slot of socket ``owner`` is done with.
+
+        Either the predecessor released it (step 1, ``slot_of`` deleted) and exited before its
+        quarantine ended, or the socket is closed (it left ``socks``) without being marked: its state
+        callbacks now run OUR program, the cgroup's, which does not know these maps.  Nothing enrols
+        into them any more, so this is never an enrolment half-way; :meth:`sweep` still waits for a
+        second sighting, to let any program run that began before the switch finish.
+        """
+        assert self._slot_of is not None
+        if owner not in self._slot_of:
+            return True
+        return self._maps["socks"].get(struct.pack("=Q", owner)) is None
+
     def idle(self) -> bool:
         """No slot in use and nothing to free: an adopted splicer can be closed."""
         if self.closed or self._claimed or self._quarantine:
@@ -673,9 +688,18 @@ class Splicer:
             mode_closed = words[2::_WORDS].tolist()
         finally:
             words.release()
+        orphans = set()
         for slot, (owner, flags) in enumerate(zip(owners, mode_closed, strict=True)):
-            if owner and flags >> 32 and slot not in self._claimed and slot not in self._quarantine:
+            if not owner or slot in self._claimed or slot in self._quarantine:
+                continue
+            if flags >> 32:
                 self._free(slot, owner)
+            elif self.adopted_from is not None and self._orphan(owner):
+                if slot in self._orphans:
+                    self._free(slot, owner)
+                else:
+                    orphans.add(slot)
+        self._orphans = orphans
         for other in list(self.adopted):
             other.sweep()
             if other.idle():
