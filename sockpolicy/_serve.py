@@ -657,6 +657,8 @@ class Runtime:
         self.trio_token: Any = None
         self._offered: list[Any] = []  # splicers whose maps went into a handoff offer
         self._adopted_splicers: dict[int, Any] = {}  # the predecessor's splicers, by its offer's index
+        #: ``--splice --workers N``: one Splicer per worker (index = worker), opened by the parent
+        self.worker_splicers: list[Any] = []
 
     def __enter__(self) -> Runtime:
         try:
@@ -685,10 +687,19 @@ class Runtime:
         else:
             self.stack.callback(adopted.abandon)  # after confirm() this only closes our dups
             log.info("adopted %d sockets from pid %d", len(adopted.sockets), adopted.pid)
-        if config.splice:
+        before = None
+        if config.splice and config.workers > 1:
+            self.worker_splicers = self._open_worker_splicers(adopted)
+            if self.worker_splicers:
+                before = lambda index: self.worker_splicers[index].enter()  # noqa: E731
+        elif config.splice:
             self.splicer = self._open_splicer(adopted)  # BEFORE the sockets: they take its cgroup
-        self.policy = reloadable(config.policy, splice=self.splicer is not None)
-        self.socket_sets = _socket_sets(config, adopted)
+        self.policy = reloadable(config.policy, splice=self.splicer is not None or bool(self.worker_splicers))
+        try:
+            self.socket_sets = _socket_sets(config, adopted, before)
+        finally:
+            if self.worker_splicers:
+                self.worker_splicers[0].leave()  # the parent's own sockets (metrics) stay unenrolled
         for sockets in self.socket_sets:
             self.stack.callback(sockets.close)
         self.steer = self.stack.enter_context(
@@ -723,11 +734,6 @@ class Runtime:
     def _splice_refusal(self) -> str | None:
         """Why ``--splice`` cannot be honoured with this config (one line), or None."""
         config = self.config
-        if config.workers > 1:
-            return (
-                f"not with --workers {config.workers} (each worker would need its own splicer and listening "
-                "sockets created in its own cgroup)"
-            )
         if config.upstream is None and config.policy is None:
             return "no --upstream: the built-in echo service has no socket to splice to"
         return None
@@ -791,6 +797,38 @@ class Runtime:
                 )
         return splicer
 
+    def _open_worker_splicers(self, adopted: Adopted | None) -> list[Any]:
+        """``--splice --workers N``: a Splicer per worker, each with its own cgroup
+        (``sockpolicy-splice-<netns inode>-<label>-w<i>``), maps and sweeper; empty if unavailable."""
+        refusal = self._splice_refusal()
+        if refusal is not None:
+            log.warning("splice: %s; serving in userspace", refusal)
+            return []
+        from .proxy import Splicer, SpliceUnavailable
+
+        base = f"{os.stat('/proc/self/ns/net').st_ino}-{self.config.label}"
+        splicers: list[Any] = []
+        try:
+            for index in range(self.config.workers):
+                splicer = Splicer.open(name=f"{base}-w{index}")
+                splicers.append(splicer)
+                self.stack.callback(self._close_splicer, splicer, index)
+        except SpliceUnavailable as exc:
+            log.warning("splice: unavailable (%s), serving in userspace: %s", exc.feature, exc)
+            if splicers:
+                splicers[0].leave()
+            for splicer in reversed(splicers):
+                splicer.close()
+            return []
+        if adopted is not None and adopted.sockets:
+            log.warning(
+                "splice: the %d listening sockets adopted from pid %d are not in the workers' cgroups, so "
+                "connections accepted on them are relayed in userspace (docs/operations.md)",
+                len(adopted.sockets),
+                adopted.pid,
+            )
+        return splicers
+
     def _adopt_spliced(self, adopted: Adopted) -> None:
         """Claim the slots of the spliced connections the predecessor handed over; queue them for
         ``serve()`` (which runs them with :func:`~sockpolicy.proxy._tcp.run_adopted_splice`)."""
@@ -830,14 +868,19 @@ class Runtime:
         )
 
     @staticmethod
-    def _close_splicer(splicer: Any) -> None:
+    def _close_splicer(splicer: Any, worker: int | None = None) -> None:
         from .proxy._splice import QUARANTINE
 
         stats = splicer.stats
-        if not splicer.exported:
+        if not splicer.closed and not splicer.exported and worker is None:
             # Let the last slots out of quarantine, so that the line below shows what was really left.
             time.sleep(QUARANTINE)
             splicer.sweep()
+        if splicer.closed:
+            return
+        if worker is not None:
+            splicer.close()  # the worker logged its counters and what it left in the maps
+            return
         entries = splicer.entries()
         log.info(
             "splice: %d connections spliced (%d bytes), %d relayed in userspace; %d adopted, %d handed over; "
@@ -863,7 +906,8 @@ class Runtime:
                 directory,
                 self.config.label,
                 takeover=self.config.takeover,
-                splice=self.config.splice and self._splice_refusal() is None,
+                # Splicing state moves between single-process serves only (docs/operations.md).
+                splice=self.config.splice and self.config.workers == 1 and self._splice_refusal() is None,
             )
         except HandoffBusy as busy:
             raise ConfigError(
@@ -1036,13 +1080,22 @@ def _dead_state(doc: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def _socket_sets(config: ServeConfig, adopted: Adopted | None) -> list[ListenSockets]:
+def _socket_sets(
+    config: ServeConfig, adopted: Adopted | None, before: Callable[[int], None] | None = None
+) -> list[ListenSockets]:
     """One :class:`ListenSockets` per worker: adopted sockets first (spread over the workers), then new
-    ones for whatever is missing, each joining the reuseport group of the first set."""
+    ones for whatever is missing, each joining the reuseport group of the first set.
+
+    :param before: called with the worker's index before its new sockets are created (``--splice``
+        with workers: enter that worker's splice cgroup).
+    """
     if adopted is None:
-        sets = [create_sockets(config)]
+        sets: list[ListenSockets] = []
         try:
-            sets += [create_sockets(config, like=sets[0]) for _ in range(config.workers - 1)]
+            for index in range(config.workers):
+                if before is not None:
+                    before(index)
+                sets.append(create_sockets(config, like=sets[0] if sets else None))
         except BaseException:
             for s in sets:
                 s.close()
@@ -1062,7 +1115,9 @@ def _socket_sets(config: ServeConfig, adopted: Adopted | None) -> list[ListenSoc
         else:
             target.socks[key] = sock
     try:
-        for target in sets:
+        for index, target in enumerate(sets):
+            if before is not None:
+                before(index)
             fresh = create_sockets(config, like=sets[0] if sets[0].socks else None)
             for key, sock in fresh.socks.items():
                 if key in target.socks:
@@ -1101,9 +1156,13 @@ async def run_worker(
     runtime: Runtime | None = None,
     policy: Any = None,
     snapshot_sock: socket.socket | None = None,
+    splicer: Any = None,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy on ``sockets`` until SIGINT/SIGTERM, then drain and return.
+
+    ``splicer``: a forked worker's own Splicer (``--splice --workers N``); with a ``runtime``, its
+    splicer is used.
 
     SIGHUP reloads the policy file (:func:`reload_policy`).
 
@@ -1131,7 +1190,7 @@ async def run_worker(
                     upstream=config.upstream,
                     label=config.label,
                     connect_timeout=config.connect_timeout,
-                    splice=runtime.splicer if runtime is not None else None,
+                    splice=runtime.splicer if runtime is not None else splicer,
                 )
             )
             if runtime is not None:
@@ -1173,6 +1232,24 @@ async def run_worker(
                     on_stop()
                 await handle.aclose(config.drain_timeout)
             background.cancel()
+    if splicer is not None:
+        from .proxy._splice import QUARANTINE
+
+        # Let the last slots out of quarantine, so that the line below shows what was really left.
+        await trio.sleep(QUARANTINE)
+        splicer.sweep()
+        stats, entries = splicer.stats, splicer.entries()
+        log.info(
+            "splice: %d connections spliced (%d bytes), %d relayed in userspace (worker); "
+            "left in the maps: socks=%d slot_of=%d owners=%d claimed=%d",
+            stats.spliced,
+            stats.bytes_spliced,
+            stats.fallbacks,
+            entries["socks"],
+            entries["slot_of"],
+            entries["owners"],
+            entries["claimed"],
+        )
 
 
 async def run_serve(
@@ -1228,9 +1305,20 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
                     for other in runtime.socket_sets:
                         if other is not sockets:
                             other.close()
+                    splicer = None
+                    if runtime.worker_splicers:
+                        for each in runtime.worker_splicers:
+                            each.drop_links()  # the parent's fds keep (and end) the attachments
+                        splicer = runtime.worker_splicers[index]
+                        splicer.enter()  # its upstream connections must be enrolled in its maps
                     trio.run(
                         functools.partial(
-                            run_worker, config, sockets, policy=runtime.policy, snapshot_sock=snapshot_sock
+                            run_worker,
+                            config,
+                            sockets,
+                            policy=runtime.policy,
+                            snapshot_sock=snapshot_sock,
+                            splicer=splicer,
                         )
                     )
                     code = 0
@@ -1266,6 +1354,10 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
             if stopping:
                 if deadline is None:
                     deadline = time.monotonic() + config.handoff_timeout
+                if runtime.handed_off():
+                    # The listeners are the successor's now: stop enrolling what they accept.
+                    for splicer in runtime.worker_splicers:
+                        splicer.stop_enrolling()
                 closed = runtime.handed_off() or (time.monotonic() >= deadline and runtime.expire())
                 if closed and not children:
                     return status

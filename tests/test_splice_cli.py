@@ -518,3 +518,28 @@ def test_spliced_connection_through_reloads_and_a_throttle(
     left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
     assert re.search(rf"{min(reloads, 1)} adopted, 0 handed over; " + left, last), last
     assert "Traceback" not in "".join(texts)
+
+
+def test_serve_splice_with_workers(netns: Any, upstream: EchoUpstream, tmp_path: Path) -> None:
+    """``--workers 2 --splice``: each worker has its own splicer, cgroup and listening socket (created
+    by the parent while in that worker's cgroup), so every connection is spliced, whichever worker the
+    reuseport group picks, and each worker's maps are empty at the end."""
+    log = tmp_path / "serve.log"
+    proc = start(netns, log, *serve_args(upstream, "--workers", "2"))
+    try:
+        for seed in range(12):
+            data = pattern(seed, 256 << 10)
+            with connect(netns) as sock:
+                assert exchange(sock, data, end=True) == data
+    finally:
+        code, _ = stop(proc)
+        sockpolicy(netns, "unload")
+    text = log.read_text()
+    assert code == 0, text
+    assert text.count("splice: enabled (cgroup ") == 2, text
+    left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
+    worker = r"splice: (\d+) connections spliced \(\d+ bytes\), 0 relayed in userspace \(worker\); "
+    workers = re.findall(worker + left, text)
+    assert len(workers) == 2, text
+    assert sum(int(spliced) for spliced in workers) == 12, text
+    assert "Traceback" not in text

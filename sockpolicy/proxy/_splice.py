@@ -505,6 +505,29 @@ class Splicer:
                 time.sleep(0.01)
         log.warning("splice: could not remove cgroup %s (still busy)", self._cgroup)
 
+    def enter(self) -> None:
+        """Move this process into our cgroup (again): its TCP sockets created from now on are enrolled.
+
+        For ``serve --workers N --splice``: the parent creates each worker's listening sockets while in
+        that worker's cgroup, and each forked worker moves itself in before it connects upstream.
+        """
+        assert self._cgroup is not None
+        (self._cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def leave(self) -> None:
+        """Move this process back to the cgroup it was in before :meth:`open`."""
+        if self._previous_cgroup is not None:
+            (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def drop_links(self) -> None:
+        """Close our fds of the SOCK_OPS link without detaching anything (a forked worker: the parent's
+        fds keep the attachment, and :meth:`stop_enrolling` there must be able to end it)."""
+        for link in self._links:
+            with contextlib.suppress(OSError):
+                os.close(link.fd)
+            link._fd = None
+        self._links.clear()
+
     def stop_enrolling(self) -> None:
         """Detach the SOCK_OPS program: sockets established from now on are not enrolled.  Idempotent.
 
