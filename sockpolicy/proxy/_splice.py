@@ -524,8 +524,7 @@ class Splicer:
         fds keep the attachment, and :meth:`stop_enrolling` there must be able to end it)."""
         for link in self._links:
             with contextlib.suppress(OSError):
-                os.close(link.fd)
-            link._fd = None
+                link.close()  # this fd only: an unpinned link detaches when its LAST fd is closed
         self._links.clear()
 
     def stop_enrolling(self) -> None:
