@@ -19,6 +19,12 @@ Protocol, on a ``SOCK_SEQPACKET`` unix socket at ``/run/sockpolicy/<netns inode>
    the old process consider the bindings handed over (it will not remove them); until then a failed
    successor changes nothing for it.
 
+Splicing (``serve --splice``, docs/operations.md): a successor that splices says ``"splice": true`` in
+its request.  A splicing server then adds, after the sockets, its SOCK_OPS link (which the successor
+takes over with ``BPF_LINK_UPDATE``) and its splice maps (``"splice"`` in the reply describes them).
+If the successor answers ``{"op": "adopted", "splice": true}``, the server hands over its fully spliced
+connections: ``{"status": "bye", "spliced": [...]}`` followed by two socket fds per connection.
+
 Besides the socket, a small state file ``serve-<label>.json`` in the same directory records the bindings
 a ``serve`` added, so that a ``serve`` started after its predecessor was killed (SIGKILL, OOM) takes over
 their ownership and removes them when it stops.
@@ -138,26 +144,37 @@ class Offer:
     sockets: list[tuple[tuple[str, int], socket.socket]]
     added: list[dict[str, str]] = field(default_factory=list)
     created: bool = False
+    #: splicing state for a splicing successor: ``{"link": bool, "pids": [...]}`` (see :data:`splice_fds`)
+    splice: dict[str, Any] | None = None
+    #: the SOCK_OPS link fd (if ``splice["link"]``), then the maps of each splicer in ``splice["pids"]``
+    splice_fds: list[int] = field(default_factory=list)
 
 
 class HandoffServer:
     """Answers handoff requests for one label in a thread (so it works with and without trio).
 
-    :param offer: called when a successor asks while we are stopping; returns the :class:`Offer`.
+    :param offer: called when a successor asks while we are stopping, with whether it splices; returns
+        the :class:`Offer`.
     :param request_stop: called for a ``takeover`` request while we are running (sends us SIGTERM).
+    :param hand_over_spliced: called once a splicing successor has adopted everything; returns the
+        spliced connections' metadata and their socket fds (two per connection, the caller's to close).
     """
 
     def __init__(
         self,
         directory: Path,
         label: str,
-        offer: Callable[[], Offer],
+        offer: Callable[[bool], Offer],
         request_stop: Callable[[], None],
+        hand_over_spliced: Callable[[], tuple[list[dict[str, Any]], list[int]]] | None = None,
     ) -> None:
         self.label = label
         self.path = _sock_path(directory, label)
         self._offer = offer
         self._request_stop = request_stop
+        self._hand_over_spliced = hand_over_spliced
+        #: the successor took our splicing state (link, maps) and so our spliced connections
+        self.spliced_to: int | None = None
         self.stopping = threading.Event()
         self.handed_off = threading.Event()
         self.expired = False
@@ -264,12 +281,12 @@ class HandoffServer:
             if self.expired:
                 _send(conn, {"status": "expired"})
                 return
-            self._hand_over(conn, pid)
+            self._hand_over(conn, pid, bool(request.get("splice")))
 
-    def _hand_over(self, conn: socket.socket, pid: int) -> None:
-        offer = self._offer()
+    def _hand_over(self, conn: socket.socket, pid: int, splice: bool) -> None:
+        offer = self._offer(splice)
         keys = [{"proto": proto, "family": version} for (proto, version), _ in offer.sockets]
-        socks = [s for _, s in offer.sockets]
+        fds = [s.fileno() for _, s in offer.sockets] + offer.splice_fds
         _send(
             conn,
             {
@@ -278,22 +295,55 @@ class HandoffServer:
                 "sockets": keys,
                 "added": offer.added,
                 "created": offer.created,
+                "splice": offer.splice,
+                "nsplice": len(offer.splice_fds),
             },
         )
-        for start in range(0, len(socks), FDS_PER_MESSAGE):
-            chunk = socks[start : start + FDS_PER_MESSAGE]
-            socket.send_fds(conn, [b"fds"], [s.fileno() for s in chunk])
+        _send_fds(conn, fds)
         reply = json.loads(conn.recv(_MAX_MSG) or b"null")
         if isinstance(reply, dict) and reply.get("op") == "adopted":
-            log.info("pid %d adopted %d sockets of label %r", pid, len(socks), self.label)
+            log.info("pid %d adopted %d sockets of label %r", pid, len(keys), self.label)
             self.handed_off.set()
-            _send(conn, {"status": "bye"})
+            spliced: list[dict[str, Any]] = []
+            conn_fds: list[int] = []
+            if reply.get("splice") and offer.splice is not None and self._hand_over_spliced is not None:
+                self.spliced_to = pid
+                spliced, conn_fds = self._hand_over_spliced()
+            try:
+                _send(conn, {"status": "bye", "spliced": spliced})
+                _send_fds(conn, conn_fds)
+            finally:
+                for fd in conn_fds:
+                    os.close(fd)
+            if spliced:
+                log.info("handed %d spliced connections to pid %d", len(spliced), pid)
         else:
             log.warning("pid %d did not adopt the sockets of label %r; keeping them", pid, self.label)
 
 
 def _send(conn: socket.socket, doc: dict[str, Any]) -> None:
     conn.sendall(json.dumps(doc).encode())
+
+
+def _send_fds(conn: socket.socket, fds: list[int]) -> None:
+    for start in range(0, len(fds), FDS_PER_MESSAGE):
+        socket.send_fds(conn, [b"fds"], fds[start : start + FDS_PER_MESSAGE])
+
+
+def _recv_fds(conn: socket.socket, count: int) -> list[int]:
+    """Receive ``count`` fds sent by :func:`_send_fds`; on failure close what arrived and raise."""
+    received: list[int] = []
+    try:
+        while len(received) < count:
+            _, fds, _, _ = socket.recv_fds(conn, 16, FDS_PER_MESSAGE)
+            if not fds:
+                raise ConnectionError("the running serve closed the handoff channel")
+            received += fds
+    except BaseException:
+        for fd in received:
+            os.close(fd)
+        raise
+    return received
 
 
 # --- client (the successor) ----------------------------------------------------------------------------
@@ -311,29 +361,58 @@ class Adopted:
     added: list[dict[str, str]]
     created: bool
     _conn: socket.socket
+    #: the predecessor's splicing state, if it splices and we asked: ``{"link": bool, "pids": [...]}``
+    splice: dict[str, Any] | None = None
+    #: its fds (SOCK_OPS link first if ``splice["link"]``, then 6 maps per pid); taken by whoever uses them
+    splice_fds: list[int] = field(default_factory=list)
+    #: set before :meth:`confirm`: we took the splicing state, so ask for the spliced connections
+    take_splice: bool = False
+    #: filled by :meth:`confirm`: the spliced connections ``(metadata, client, upstream)`` we received
+    spliced: list[tuple[dict[str, Any], socket.socket, socket.socket]] = field(default_factory=list)
 
     def cookies(self) -> set[int]:
         return {socket_cookie(s) for _, s in self.sockets}
 
     def confirm(self) -> None:
-        """Tell the predecessor that the sockets and bindings are ours now; close the channel."""
+        """Tell the predecessor that the sockets and bindings are ours now; close the channel.
+
+        With :attr:`take_splice` it then hands over its fully spliced connections (:attr:`spliced`).
+        """
+        self.spliced = self._confirm()
+
+    def _confirm(self) -> list[tuple[dict[str, Any], socket.socket, socket.socket]]:
         try:
-            _send(self._conn, {"op": "adopted"})
-            self._conn.recv(_MAX_MSG)
+            _send(self._conn, {"op": "adopted", "splice": self.take_splice})
+            reply = json.loads(self._conn.recv(_MAX_MSG) or b"null")
+            spliced = reply.get("spliced", []) if isinstance(reply, dict) else []
+            fds = _recv_fds(self._conn, 2 * len(spliced)) if spliced else []
+        except (OSError, ValueError) as exc:
+            # The bindings are ours already (the predecessor set handed_off before answering).
+            log.warning("handoff: the predecessor's spliced connections did not arrive: %s", exc)
+            return []
         finally:
             self._conn.close()
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        return [(meta, socks[2 * i], socks[2 * i + 1]) for i, meta in enumerate(spliced)]
 
     def abandon(self) -> None:
         """Give up (the predecessor keeps everything); close what was received."""
         self._conn.close()
         for _, s in self.sockets:
             s.close()
+        self.close_splice_fds()
+
+    def close_splice_fds(self) -> None:
+        """Close the splicing fds nobody took (idempotent)."""
+        fds, self.splice_fds = self.splice_fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 def request_handoff(
-    directory: Path, label: str, *, takeover: bool = False, timeout: float = 30
+    directory: Path, label: str, *, takeover: bool = False, splice: bool = False, timeout: float = 30
 ) -> Adopted | None:
-    """Ask the running ``serve`` of ``label`` for its sockets.
+    """Ask the running ``serve`` of ``label`` for its sockets (and, with ``splice``, its splicing state).
 
     :returns: ``None`` if no ``serve`` of the label is listening for handoffs.
     :raises HandoffBusy: it is running and not stopping (and ``takeover`` is false).
@@ -350,8 +429,9 @@ def request_handoff(
             return None  # nobody there (a socket file left by a process that died is refused)
         raise
     received: list[socket.socket] = []
+    extra: list[int] = []
     try:
-        _send(conn, {"op": "handoff", "label": label, "takeover": takeover})
+        _send(conn, {"op": "handoff", "label": label, "takeover": takeover, "splice": splice})
         reply = json.loads(conn.recv(_MAX_MSG) or b"null")
         if not isinstance(reply, dict):
             raise ConnectionError("the running serve closed the handoff channel")
@@ -360,17 +440,24 @@ def request_handoff(
         if reply.get("status") != "ok":
             raise ConnectionError(f"handoff refused: {reply}")
         keys = reply["sockets"]
-        while len(received) < len(keys):
-            _, fds, _, _ = socket.recv_fds(conn, 16, FDS_PER_MESSAGE)
-            if not fds:
-                raise ConnectionError("the running serve closed the handoff channel")
-            received += [socket.socket(fileno=fd) for fd in fds]
+        nsplice = int(reply.get("nsplice", 0))
+        fds = _recv_fds(conn, len(keys) + nsplice)
+        received = [socket.socket(fileno=fd) for fd in fds[: len(keys)]]
+        extra = fds[len(keys) :]
         pairs = [((k["proto"], int(k["family"])), s) for k, s in zip(keys, received, strict=True)]
         return Adopted(
-            int(reply["pid"]), pairs, list(reply.get("added", [])), bool(reply.get("created")), conn
+            int(reply["pid"]),
+            pairs,
+            list(reply.get("added", [])),
+            bool(reply.get("created")),
+            conn,
+            splice=reply.get("splice") if nsplice else None,
+            splice_fds=extra,
         )
     except BaseException:
         for s in received:
             s.close()
+        for fd in extra:
+            os.close(fd)
         conn.close()
         raise

@@ -78,6 +78,8 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_HANDOFF_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_CONN_LOG_INTERVAL = 60.0
+#: seconds a stopping serve keeps trying to hand its spliced connections to a splicing successor
+HAND_OVER_WINDOW = 2.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 MAX_WORKERS = 256
@@ -651,6 +653,12 @@ class Runtime:
         self.splicer: Any = None
         self.stats: list[Any] = []  # ServeStats of the trio workers in this process
         self.expired = False
+        #: the trio run serving in this process (single worker): the handoff thread calls into it
+        self.trio_token: Any = None
+        self._offered: list[Any] = []  # splicers whose maps went into a handoff offer
+        self._adopted_splicers: dict[int, Any] = {}  # the predecessor's splicers, by its offer's index
+        #: ``--splice --workers N``: one Splicer per worker (index = worker), opened by the parent
+        self.worker_splicers: list[Any] = []
 
     def __enter__(self) -> Runtime:
         try:
@@ -679,16 +687,27 @@ class Runtime:
         else:
             self.stack.callback(adopted.abandon)  # after confirm() this only closes our dups
             log.info("adopted %d sockets from pid %d", len(adopted.sockets), adopted.pid)
-        if config.splice:
+        before = None
+        if config.splice and config.workers > 1:
+            self.worker_splicers = self._open_worker_splicers(adopted)
+            if self.worker_splicers:
+                before = lambda index: self.worker_splicers[index].enter()  # noqa: E731
+        elif config.splice:
             self.splicer = self._open_splicer(adopted)  # BEFORE the sockets: they take its cgroup
-        self.policy = reloadable(config.policy, splice=self.splicer is not None)
-        self.socket_sets = _socket_sets(config, adopted)
+        self.policy = reloadable(config.policy, splice=self.splicer is not None or bool(self.worker_splicers))
+        try:
+            self.socket_sets = _socket_sets(config, adopted, before)
+        finally:
+            if self.worker_splicers:
+                self.worker_splicers[0].leave()  # the parent's own sockets (metrics) stay unenrolled
         for sockets in self.socket_sets:
             self.stack.callback(sockets.close)
         self.steer = self.stack.enter_context(
             steering(config, self.socket_sets[0], adopted=adopted, inherited=inherited)
         )
         steer = self.steer
+        if adopted is not None and adopted.spliced:
+            self._adopt_spliced(adopted)
         _handoff.write_state(
             directory,
             config.label,
@@ -696,7 +715,11 @@ class Runtime:
         )
         self.stack.callback(_handoff.remove_state, directory, config.label, os.getpid())
         self.handoff = _handoff.HandoffServer(
-            directory, config.label, self._offer, lambda: os.kill(os.getpid(), signal.SIGTERM)
+            directory,
+            config.label,
+            self._offer,
+            lambda: os.kill(os.getpid(), signal.SIGTERM),
+            self._hand_over_spliced,
         )
         self.stack.callback(self.handoff.close)
         if config.metrics is not None:
@@ -708,47 +731,170 @@ class Runtime:
             steer.can_unload = False
             log.info("running as user %r with no capabilities", config.user)
 
-    def _open_splicer(self, adopted: Adopted | None) -> Any:
-        """``--splice``: open the Splicer (moves this process into its cgroup), or log one line why not."""
+    def _splice_refusal(self) -> str | None:
+        """Why ``--splice`` cannot be honoured with this config (one line), or None."""
         config = self.config
-        if config.workers > 1:
-            log.warning(
-                "splice: not with --workers %d (each worker would need its own splicer and listening "
-                "sockets created in its own cgroup); serving in userspace",
-                config.workers,
-            )
-            return None
         if config.upstream is None and config.policy is None:
-            log.warning(
-                "splice: no --upstream: the built-in echo service has no socket to splice to; "
-                "serving in userspace"
-            )
-            return None
-        from .proxy import Splicer, SpliceUnavailable
+            return "no --upstream: the built-in echo service has no socket to splice to"
+        return None
 
+    def _open_splicer(self, adopted: Adopted | None) -> Any:
+        """``--splice``: open the Splicer (moves this process into its cgroup), or log one line why not.
+
+        The cgroup is named after the network namespace and the label, so that it is the same for
+        every ``serve`` of the label: a successor's adopted listening sockets (created in it by the
+        predecessor) then accept into it.  A splicing predecessor hands over its SOCK_OPS link, which
+        we update to our program (from then on every new connection is enrolled in our maps), and its
+        splice maps, which keep its connections (and the ones it hands over) spliced.
+        """
+        refusal = self._splice_refusal()
+        if refusal is not None:
+            log.warning("splice: %s; serving in userspace", refusal)
+            return None
+        from ._objects import Link, Map
+        from .proxy import Splicer, SpliceUnavailable
+        from .proxy._splice import MAP_NAMES
+
+        link = None
+        maps: list[Any] = []
+        pids: list[int] = []
+        if adopted is not None and adopted.splice is not None:
+            fds, adopted.splice_fds = adopted.splice_fds, []
+            if adopted.splice.get("link"):
+                link = Link(fds.pop(0), description=f"splice SOCK_OPS link of pid {adopted.pid}")
+            maps = [Map(fd) for fd in fds]
+            pids = [int(pid) for pid in adopted.splice.get("pids", [])]
+        name = f"{os.stat('/proc/self/ns/net').st_ino}-{self.config.label}"
         try:
-            splicer = Splicer.open()
+            splicer = Splicer.open(name=name, link=link)
         except SpliceUnavailable as exc:
             log.warning("splice: unavailable (%s), serving in userspace: %s", exc.feature, exc)
+            if link is not None:
+                link.close()
+            for m in maps:
+                m.close()
             return None
         self.stack.callback(self._close_splicer, splicer)
+        count = len(MAP_NAMES)
+        for index, pid in enumerate(pids):
+            group = maps[index * count : (index + 1) * count]
+            try:
+                self._adopted_splicers[index] = Splicer.adopt(group, pid)
+            except SpliceUnavailable as exc:
+                log.warning("splice: cannot use the splice maps of pid %d: %s", pid, exc)
+            else:
+                splicer.adopted.append(self._adopted_splicers[index])
+        for m in maps[len(pids) * count :]:
+            m.close()
+        if adopted is not None:
+            adopted.take_splice = True
+            if adopted.sockets and link is None:
+                log.warning(
+                    "splice: the %d listening sockets adopted from pid %d belong to its cgroup, so "
+                    "connections accepted on them are relayed in userspace (docs/operations.md)",
+                    len(adopted.sockets),
+                    adopted.pid,
+                )
+        return splicer
+
+    def _open_worker_splicers(self, adopted: Adopted | None) -> list[Any]:
+        """``--splice --workers N``: a Splicer per worker, each with its own cgroup
+        (``sockpolicy-splice-<netns inode>-<label>-w<i>``), maps and sweeper; empty if unavailable."""
+        refusal = self._splice_refusal()
+        if refusal is not None:
+            log.warning("splice: %s; serving in userspace", refusal)
+            return []
+        from .proxy import Splicer, SpliceUnavailable
+
+        base = f"{os.stat('/proc/self/ns/net').st_ino}-{self.config.label}"
+        splicers: list[Any] = []
+        try:
+            for index in range(self.config.workers):
+                splicer = Splicer.open(name=f"{base}-w{index}")
+                splicers.append(splicer)
+                self.stack.callback(self._close_splicer, splicer, index)
+        except SpliceUnavailable as exc:
+            log.warning("splice: unavailable (%s), serving in userspace: %s", exc.feature, exc)
+            if splicers:
+                splicers[0].leave()
+            for splicer in reversed(splicers):
+                splicer.close()
+            return []
         if adopted is not None and adopted.sockets:
             log.warning(
-                "splice: the %d listening sockets adopted from pid %d belong to its cgroup, so connections "
-                "accepted on them are relayed in userspace (docs/operations.md)",
+                "splice: the %d listening sockets adopted from pid %d are not in the workers' cgroups, so "
+                "connections accepted on them are relayed in userspace (docs/operations.md)",
                 len(adopted.sockets),
                 adopted.pid,
             )
-        return splicer
+        return splicers
+
+    def _adopt_spliced(self, adopted: Adopted) -> None:
+        """Claim the slots of the spliced connections the predecessor handed over; queue them for
+        ``serve()`` (which runs them with :func:`~sockpolicy.proxy._tcp.run_adopted_splice`)."""
+        from .proxy import SpliceUnavailable
+        from .proxy._splice import AdoptedPair
+        from .proxy._streams import abort_socket
+
+        splicer = self.splicer
+        for meta, client, upstream in adopted.spliced:
+            try:
+                owner = self._adopted_splicers.get(int(meta["splicer"]))
+                if owner is None:
+                    raise SpliceUnavailable("restart", "its splice maps were not adopted")
+                client_slot = owner.adopt_slot(client, *meta["client"])
+                try:
+                    upstream_slot = owner.adopt_slot(upstream, *meta["upstream"])
+                except SpliceUnavailable:
+                    client_slot.release()
+                    raise
+            except (SpliceUnavailable, IndexError, KeyError, TypeError, ValueError) as exc:
+                # Reset both sides: the connection cannot be served any more (its state is lost).
+                log.warning(
+                    "splice: a spliced connection from pid %d cannot be adopted: %s", adopted.pid, exc
+                )
+                abort_socket(client)
+                abort_socket(upstream)
+                continue
+            client.setblocking(False)
+            upstream.setblocking(False)
+            splicer.adopted_pairs.append(
+                AdoptedPair(client, upstream, client_slot, upstream_slot, adopted.pid)
+            )
+            splicer.stats.adopted += 1
+        adopted.spliced = []
+        log.info(
+            "splice: adopted %d spliced connections from pid %d", len(splicer.adopted_pairs), adopted.pid
+        )
 
     @staticmethod
-    def _close_splicer(splicer: Any) -> None:
+    def _close_splicer(splicer: Any, worker: int | None = None) -> None:
+        from .proxy._splice import QUARANTINE
+
         stats = splicer.stats
+        if not splicer.closed and not splicer.exported and worker is None:
+            # Let the last slots out of quarantine, so that the line below shows what was really left.
+            time.sleep(QUARANTINE)
+            splicer.sweep()
+        if splicer.closed:
+            return
+        if worker is not None:
+            splicer.close()  # the worker logged its counters and what it left in the maps
+            return
+        entries = splicer.entries()
         log.info(
-            "splice: %d connections spliced (%d bytes), %d relayed in userspace",
+            "splice: %d connections spliced (%d bytes), %d relayed in userspace; %d adopted, %d handed over; "
+            "left in the maps: socks=%d slot_of=%d owners=%d claimed=%d%s",
             stats.spliced,
             stats.bytes_spliced,
             stats.fallbacks,
+            stats.adopted,
+            stats.handed_over,
+            entries["socks"],
+            entries["slot_of"],
+            entries["owners"],
+            entries["claimed"],
+            " (the successor has them)" if splicer.exported else "",
         )
         splicer.close()
 
@@ -756,7 +902,13 @@ class Runtime:
         from ._handoff import HandoffBusy, request_handoff
 
         try:
-            adopted = request_handoff(directory, self.config.label, takeover=self.config.takeover)
+            adopted = request_handoff(
+                directory,
+                self.config.label,
+                takeover=self.config.takeover,
+                # Splicing state moves between single-process serves only (docs/operations.md).
+                splice=self.config.splice and self.config.workers == 1 and self._splice_refusal() is None,
+            )
         except HandoffBusy as busy:
             raise ConfigError(
                 f"label {self.config.label!r} is already being served by another process (pid {busy.pid}); "
@@ -771,12 +923,85 @@ class Runtime:
             )
         return adopted
 
-    def _offer(self) -> Any:
+    def _offer(self, splice: bool = False) -> Any:
+        """The handoff offer (in the handoff thread); with ``splice``, our splicing state too."""
         from ._handoff import Offer
 
         assert self.steer is not None
         socks = [item for sockets in self.socket_sets for item in sockets.items()]
-        return Offer(socks, self.steer.added_json(), self.steer.created)
+        offer = Offer(socks, self.steer.added_json(), self.steer.created)
+        if splice and self.splicer is not None and self.trio_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                offer.splice, offer.splice_fds = trio.from_thread.run_sync(
+                    self._splice_offer, trio_token=self.trio_token
+                )
+        return offer
+
+    def _splice_offer(self) -> tuple[dict[str, Any], list[int]]:
+        """In the trio thread: our SOCK_OPS link and the maps of our splicer and of those we adopted.
+
+        The fds are ours; SCM_RIGHTS gives the successor its own.  The list of splicers is fixed here,
+        and :meth:`_hand_over_spliced` refers to it.
+        """
+        splicer = self.splicer
+        link = splicer.sockops_link()
+        self._offered = [splicer, *splicer.adopted]
+        fds = [link.fd] if link is not None else []
+        for offered in self._offered:
+            fds += [m.fd for m in offered.export_maps()]
+        pids = [os.getpid(), *(offered.adopted_from for offered in self._offered[1:])]
+        return {"link": link is not None, "pids": pids}, fds
+
+    def _hand_over_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """In the handoff thread, once a splicing successor adopted everything: hand it our fully
+        spliced connections (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
+        if self.trio_token is None or not self._offered:
+            return [], []
+        metas: list[dict[str, Any]] = []
+        fds: list[int] = []
+        # A spliced connection is handed over only at a quiet moment (hand_over()); one that is not, e.g.
+        # throttled right now, usually is a few milliseconds later: retry for a while.  Whatever is still
+        # not quiet then keeps draining here.
+        deadline = time.monotonic() + HAND_OVER_WINDOW
+        while True:
+            try:
+                waiting = trio.from_thread.run_sync(
+                    self._detach_spliced, metas, fds, trio_token=self.trio_token
+                )
+            except trio.RunFinishedError:
+                break
+            if not waiting or time.monotonic() >= deadline:
+                if waiting:
+                    log.info("splice: %d spliced connections were never quiet; they drain here", waiting)
+                break
+            time.sleep(0.01)
+        self.splicer.stats.handed_over += len(metas)
+        return metas, fds
+
+    def _detach_spliced(self, metas: list[dict[str, Any]], fds: list[int]) -> int:
+        """In the trio thread: hand over what is quiet now (appended to ``metas`` and ``fds``); returns
+        how many spliced connections are not quiet yet."""
+        offered = self._offered
+        for splicer in offered:
+            splicer.mark_exported()  # the successor holds the maps: keep the verdict attached at exit
+        waiting = 0
+        for session in list(self.splicer.sessions):
+            if not session.splicing or session.end is not None or session.client_slot is None:
+                continue  # relayed in userspace, ending, or handed over already
+            got = session.hand_over()
+            if got is None:
+                waiting += 1
+                continue
+            client_fd, upstream_fd, client, upstream = got
+            metas.append(
+                {
+                    "splicer": offered.index(client.splicer),
+                    "client": [client.cookie, client.slot, client.base],
+                    "upstream": [upstream.cookie, upstream.slot, upstream.base],
+                }
+            )
+            fds += [client_fd, upstream_fd]
+        return waiting
 
     def _setup_metrics(self) -> None:
         from ._dispatcher import Dispatcher
@@ -855,13 +1080,22 @@ def _dead_state(doc: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def _socket_sets(config: ServeConfig, adopted: Adopted | None) -> list[ListenSockets]:
+def _socket_sets(
+    config: ServeConfig, adopted: Adopted | None, before: Callable[[int], None] | None = None
+) -> list[ListenSockets]:
     """One :class:`ListenSockets` per worker: adopted sockets first (spread over the workers), then new
-    ones for whatever is missing, each joining the reuseport group of the first set."""
+    ones for whatever is missing, each joining the reuseport group of the first set.
+
+    :param before: called with the worker's index before its new sockets are created (``--splice``
+        with workers: enter that worker's splice cgroup).
+    """
     if adopted is None:
-        sets = [create_sockets(config)]
+        sets: list[ListenSockets] = []
         try:
-            sets += [create_sockets(config, like=sets[0]) for _ in range(config.workers - 1)]
+            for index in range(config.workers):
+                if before is not None:
+                    before(index)
+                sets.append(create_sockets(config, like=sets[0] if sets else None))
         except BaseException:
             for s in sets:
                 s.close()
@@ -881,7 +1115,9 @@ def _socket_sets(config: ServeConfig, adopted: Adopted | None) -> list[ListenSoc
         else:
             target.socks[key] = sock
     try:
-        for target in sets:
+        for index, target in enumerate(sets):
+            if before is not None:
+                before(index)
             fresh = create_sockets(config, like=sets[0] if sets[0].socks else None)
             for key, sock in fresh.socks.items():
                 if key in target.socks:
@@ -920,9 +1156,13 @@ async def run_worker(
     runtime: Runtime | None = None,
     policy: Any = None,
     snapshot_sock: socket.socket | None = None,
+    splicer: Any = None,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy on ``sockets`` until SIGINT/SIGTERM, then drain and return.
+
+    ``splicer``: a forked worker's own Splicer (``--splice --workers N``); with a ``runtime``, its
+    splicer is used.
 
     SIGHUP reloads the policy file (:func:`reload_policy`).
 
@@ -937,6 +1177,8 @@ async def run_worker(
 
     if policy is None:
         policy = runtime.policy if runtime is not None else reloadable(config.policy)
+    if runtime is not None:
+        runtime.trio_token = trio.lowlevel.current_trio_token()  # for the handoff thread (splicing)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(
@@ -948,7 +1190,7 @@ async def run_worker(
                     upstream=config.upstream,
                     label=config.label,
                     connect_timeout=config.connect_timeout,
-                    splice=runtime.splicer if runtime is not None else None,
+                    splice=runtime.splicer if runtime is not None else splicer,
                 )
             )
             if runtime is not None:
@@ -990,6 +1232,24 @@ async def run_worker(
                     on_stop()
                 await handle.aclose(config.drain_timeout)
             background.cancel()
+    if splicer is not None:
+        from .proxy._splice import QUARANTINE
+
+        # Let the last slots out of quarantine, so that the line below shows what was really left.
+        await trio.sleep(QUARANTINE)
+        splicer.sweep()
+        stats, entries = splicer.stats, splicer.entries()
+        log.info(
+            "splice: %d connections spliced (%d bytes), %d relayed in userspace (worker); "
+            "left in the maps: socks=%d slot_of=%d owners=%d claimed=%d",
+            stats.spliced,
+            stats.bytes_spliced,
+            stats.fallbacks,
+            entries["socks"],
+            entries["slot_of"],
+            entries["owners"],
+            entries["claimed"],
+        )
 
 
 async def run_serve(
@@ -1045,9 +1305,20 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
                     for other in runtime.socket_sets:
                         if other is not sockets:
                             other.close()
+                    splicer = None
+                    if runtime.worker_splicers:
+                        for each in runtime.worker_splicers:
+                            each.drop_links()  # the parent's fds keep (and end) the attachments
+                        splicer = runtime.worker_splicers[index]
+                        splicer.enter()  # its upstream connections must be enrolled in its maps
                     trio.run(
                         functools.partial(
-                            run_worker, config, sockets, policy=runtime.policy, snapshot_sock=snapshot_sock
+                            run_worker,
+                            config,
+                            sockets,
+                            policy=runtime.policy,
+                            snapshot_sock=snapshot_sock,
+                            splicer=splicer,
                         )
                     )
                     code = 0
@@ -1083,6 +1354,10 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
             if stopping:
                 if deadline is None:
                     deadline = time.monotonic() + config.handoff_timeout
+                if runtime.handed_off():
+                    # The listeners are the successor's now: stop enrolling what they accept.
+                    for splicer in runtime.worker_splicers:
+                        splicer.stop_enrolling()
                 closed = runtime.handed_off() or (time.monotonic() >= deadline and runtime.expire())
                 if closed and not children:
                     return status

@@ -13,7 +13,7 @@ from ._context import Context, ServeStats, log
 from ._framers import DEFAULT_MAX_MESSAGE_SIZE
 from ._policy import Policy
 from ._splice import Splicer
-from ._tcp import handle_tcp
+from ._tcp import handle_tcp, run_adopted_splice
 from ._udp import UdpServer, prepare_udp_socket
 from ._verdicts import Drop, Verdict, check_verdict
 
@@ -186,6 +186,9 @@ async def serve(
                 if splice is not None:
                     # Frees the slots of closed sockets; stops with the listeners (Splicer.close cleans up).
                     listeners.start_soon(splice.run_sweeper)
+                    # Restart: spliced connections the predecessor handed over (sockpolicy serve).
+                    for pair in splice.take_adopted_pairs():
+                        connections.start_soon(run_adopted_splice, ctx, pair)
                 log.info("serving %d TCP and %d UDP sockets (label=%r)", len(tcp), len(udp), label)
                 task_status.started(handle)
             # Only reached after stop(): drain, then cancel what is left.

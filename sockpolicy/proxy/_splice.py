@@ -25,9 +25,10 @@ import socket
 import struct
 import termios
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,7 +39,15 @@ from sockpolicy.maps import U32, U64, Hash, cookie_of
 if TYPE_CHECKING:
     from sockpolicy._rules import Enforcer
 
-__all__ = ["SPLICE_DISABLE_ENV", "SpliceSocket", "SpliceStats", "SpliceUnavailable", "Splicer"]
+__all__ = [
+    "MAP_NAMES",
+    "SPLICE_DISABLE_ENV",
+    "AdoptedPair",
+    "SpliceSocket",
+    "SpliceStats",
+    "SpliceUnavailable",
+    "Splicer",
+]
 
 log = logging.getLogger("sockpolicy.proxy")
 
@@ -52,7 +61,7 @@ MODE_PASS = 0
 MODE_PENDING = 1
 MODE_SPLICED = 2
 
-N_SLOTS = 32768  # N_SLOTS in splice.bpf.c
+N_SLOTS = 32768  # CONN_SLOTS in splice.bpf.c
 _STATS = (
     "enrolled",
     "no_slot",
@@ -70,6 +79,9 @@ RULE_MAPS = ("config", "slots", "rules", "counters", "targets")
 
 #: ``Splicer.open(rules=AUTO)``: use the kernel rules pinned in this network namespace, if any.
 AUTO = "auto"
+
+#: The splice object's maps, in the order :meth:`Splicer.export_maps` hands them to a successor.
+MAP_NAMES = ("socks", "conns", "slot_of", "owners", "stats", "splice_config")
 
 #: Default backlog bounds (bytes queued towards a peer but not yet transmitted by it); see docs/splice.md.
 BACKLOG_HIGH = 4 << 20
@@ -130,6 +142,10 @@ class SpliceStats:
     bytes_spliced: int = 0
     #: slots freed (claimed by the proxy, or of other sockets of this process)
     slots_freed: int = 0
+    #: spliced connections received from the predecessor in a restart (docs/operations.md)
+    adopted: int = 0
+    #: spliced connections handed to the successor in a restart
+    handed_over: int = 0
 
 
 def _disabled() -> set[str]:
@@ -172,14 +188,22 @@ def queued_total(sock: socket.socket | trio.socket.SocketType) -> int:
 class SpliceSocket:
     """Userspace's view of one enrolled socket's slot.  Obtained from :meth:`Splicer.claim`."""
 
-    def __init__(self, splicer: Splicer, sock: trio.socket.SocketType, cookie: int, slot: int) -> None:
+    def __init__(
+        self,
+        splicer: Splicer,
+        sock: trio.socket.SocketType | socket.socket,
+        cookie: int,
+        slot: int,
+        base: int | None = None,
+    ) -> None:
         self.splicer = splicer
         self.cookie = cookie
         self.slot = slot
         self._conn: _Conn | None = splicer._view(slot)
         # Bytes queued on the write side before the proxy wrote anything (0, or 1 on some paths where the
-        # SYN is counted as acked): the origin of queued_total() for the drain check.
-        self.base = queued_total(sock)
+        # SYN is counted as acked): the origin of queued_total() for the drain check.  A socket adopted in
+        # a restart brings the value its first owner calibrated.
+        self.base = queued_total(sock) if base is None else base
         #: the value of the source's ``redirected`` when everything redirected was last seen queued here
         self.drained_at = 0
 
@@ -256,6 +280,27 @@ class SpliceSocket:
             self.splicer._release(self.slot, self.cookie)
 
 
+@dataclass
+class AdoptedPair:
+    """A spliced connection received from the predecessor in a restart: its two sockets and slots.
+
+    ``serve()`` runs it (``_tcp.run_adopted_splice``); :meth:`close` is for a pair that never ran.
+    """
+
+    client: socket.socket
+    upstream: socket.socket
+    client_slot: SpliceSocket
+    upstream_slot: SpliceSocket
+    #: the predecessor's pid (logs)
+    pid: int
+
+    def close(self) -> None:
+        self.client.close()
+        self.upstream.close()
+        self.client_slot.release()
+        self.upstream_slot.release()
+
+
 class Splicer:
     """The kernel side of splicing for one serving process.  Use :meth:`open`; :meth:`close` undoes it.
 
@@ -274,12 +319,25 @@ class Splicer:
         self._owners: Hash[int, int] | None = None
         self._claimed: dict[int, int] = {}  # slot -> cookie of sockets the relay uses
         self._quarantine: dict[int, tuple[int, float]] = {}  # slot -> (cookie, freed at)
+        self._orphans: set[int] = set()  # adopted splicer: slots the predecessor released, seen last sweep
         self._cgroup: Path | None = None
         self._created_cgroup = False
+        self._named = False  # a cgroup named by the caller (shared across a restart): last one out removes
         self._previous_cgroup: Path | None = None
         self.closed = False
         #: the verdict judges received messages with kernel rules (``rules`` of :meth:`open`)
         self.rules = False
+        #: sessions of the relay using this splicer's slots (the restart hands the spliced ones over)
+        self.sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: a predecessor's splicers whose connections this process finishes (restart), see :meth:`adopt`
+        self.adopted: list[Splicer] = []
+        #: spliced connections received in a restart, for ``serve()`` to run (:meth:`take_adopted_pairs`)
+        self.adopted_pairs: list[Any] = []
+        #: pid of the process whose maps these are (a splicer made by :meth:`adopt`), else None
+        self.adopted_from: int | None = None
+        #: the maps (and so the verdict and every connection still in them) went to a successor:
+        #: :meth:`close` then leaves the verdict attached and the cgroup to whoever is still in it.
+        self.exported = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -288,6 +346,8 @@ class Splicer:
         cls,
         cgroup: str | os.PathLike[str] | None = None,
         *,
+        name: str | None = None,
+        link: Link | None = None,
         backlog_high: int = BACKLOG_HIGH,
         backlog_low: int = BACKLOG_LOW,
         rules: Enforcer | str | None = AUTO,
@@ -296,6 +356,13 @@ class Splicer:
 
         :param cgroup: an existing cgroup v2 directory to use instead of a new one; this process is moved
             into it, and every TCP socket of every process in it is enrolled.
+        :param name: create (or reuse) ``<cgroup2>/sockpolicy-splice-<name>`` instead of one named after
+            the pid: ``serve`` names it after its network namespace and label, so that a successor in a
+            restart uses the cgroup its adopted listening sockets belong to.
+        :param link: the predecessor's SOCK_OPS link on that cgroup (received in a restart): instead of
+            attaching a second program, replace its program by ours with ``BPF_LINK_UPDATE``, atomically,
+            so that every establishment is enrolled by exactly one of the two (never into both maps).
+            The splicer owns the link from then on.
         :param backlog_high: bytes queued towards a peer but not yet sent by it above which the kernel
             hands a connection back to userspace (which waits for the peer); the memory bound.
         :param backlog_low: the kernel splices again once the backlog is below this.
@@ -310,14 +377,20 @@ class Splicer:
         """
         self = cls()
         try:
-            self._open(cgroup, backlog_high, backlog_low, rules)
+            self._open(cgroup, name, link, backlog_high, backlog_low, rules)
         except BaseException:
             self.close()
             raise
         return self
 
     def _open(
-        self, cgroup: str | os.PathLike[str] | None, high: int, low: int, rules: Enforcer | str | None
+        self,
+        cgroup: str | os.PathLike[str] | None,
+        name: str | None,
+        link: Link | None,
+        high: int,
+        low: int,
+        rules: Enforcer | str | None,
     ) -> None:
         disabled = _disabled()
         root = _cgroup2_root()
@@ -357,45 +430,61 @@ class Splicer:
             if owned and enforcer is not None:
                 enforcer.close()
         with obj:
-            names = ("socks", "conns", "slot_of", "owners", "stats", "splice_config")
-            self._maps = {name: obj.take_map(name) for name in names}
+            self._maps = {map_name: obj.take_map(map_name) for map_name in MAP_NAMES}
             for index, value in ((0, high), (1, low), (_CFG_RULES, int(self.rules))):
                 self._maps["splice_config"].update(struct.pack("=I", index), struct.pack("=Q", value))
             verdict = obj.programs["splice_verdict"]
             sockops = obj.programs["splice_sockops"]
             if "mmap" in disabled:
                 raise SpliceUnavailable("mmap", "mmapable BPF arrays unavailable (disabled)")
-            conns = self._maps["conns"]
-            try:
-                pages = -(-conns.value_size * conns.max_entries // mmap.PAGESIZE)
-                size = pages * mmap.PAGESIZE
-                self._mmap = mmap.mmap(conns.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError as exc:
-                raise SpliceUnavailable("mmap", f"cannot mmap the BPF array: {exc}") from None
-            self._view_array = (_Conn * conns.max_entries).from_buffer(self._mmap)
-            self._slot_of = Hash(self._maps["slot_of"].clone(), key=U64, value=U32)
-            self._owners = Hash(self._maps["owners"].clone(), key=U32, value=U64)
+            self._map_slots()
             try:
                 self._attachment = verdict.attach_map(self._maps["socks"], AttachType.SK_SKB_VERDICT)
             except (_errors.SockpolicyError, OSError) as exc:
                 raise SpliceUnavailable("sk_skb", f"cannot attach the SK_SKB verdict: {exc}") from None
-            self._enter_cgroup(root, cgroup)
-            try:
-                self._links.append(sockops.attach_cgroup(str(self._cgroup)))
-            except (_errors.SockpolicyError, OSError) as exc:
-                reason = f"cannot attach SOCK_OPS to {self._cgroup}: {exc}"
-                raise SpliceUnavailable("sockops", reason) from None
+            self._enter_cgroup(root, cgroup, name)
+            if link is not None:
+                try:
+                    link.update(sockops)
+                except (_errors.SockpolicyError, OSError) as exc:
+                    link.close()
+                    reason = f"cannot take over the SOCK_OPS link on {self._cgroup}: {exc}"
+                    raise SpliceUnavailable("sockops", reason) from None
+                self._links.append(link)
+                log.info("splice: took over the SOCK_OPS attachment of cgroup %s", self._cgroup)
+            else:
+                try:
+                    self._links.append(sockops.attach_cgroup(str(self._cgroup)))
+                except (_errors.SockpolicyError, OSError) as exc:
+                    reason = f"cannot attach SOCK_OPS to {self._cgroup}: {exc}"
+                    raise SpliceUnavailable("sockops", reason) from None
         log.info("splice: enabled (cgroup %s)", self._cgroup)
 
-    def _enter_cgroup(self, root: Path, cgroup: str | os.PathLike[str] | None) -> None:
+    def _map_slots(self) -> None:
+        """mmap ``conns`` and open the typed views of ``slot_of`` and ``owners``."""
+        conns = self._maps["conns"]
+        try:
+            pages = -(-conns.value_size * conns.max_entries // mmap.PAGESIZE)
+            size = pages * mmap.PAGESIZE
+            self._mmap = mmap.mmap(conns.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise SpliceUnavailable("mmap", f"cannot mmap the BPF array: {exc}") from None
+        self._view_array = (_Conn * conns.max_entries).from_buffer(self._mmap)
+        self._slot_of = Hash(self._maps["slot_of"].clone(), key=U64, value=U32)
+        self._owners = Hash(self._maps["owners"].clone(), key=U32, value=U64)
+
+    def _enter_cgroup(self, root: Path, cgroup: str | os.PathLike[str] | None, name: str | None) -> None:
         self._previous_cgroup = root / _own_cgroup().lstrip("/")
         if cgroup is None:
-            path = root / f"sockpolicy-splice-{os.getpid()}"
+            path = root / f"sockpolicy-splice-{name if name is not None else os.getpid()}"
+            self._named = name is not None
             try:
                 path.mkdir()
                 self._created_cgroup = True
             except FileExistsError:
-                pass  # left by an earlier process with our pid: reuse it
+                # Left by an earlier process with our pid, or (named) by a predecessor that was killed, or
+                # still in use by the predecessor we take over from: reuse it.
+                pass
             except OSError as exc:
                 raise SpliceUnavailable("cgroup", f"cannot create cgroup {path}: {exc}") from None
         else:
@@ -414,29 +503,26 @@ class Splicer:
         """
         if self.closed:
             return
+        for pair in self.adopted_pairs:
+            pair.close()  # never ran (serve() did not start): closes its sockets, frees its slots
+        self.adopted_pairs.clear()
         self.closed = True
+        for other in self.adopted:
+            other.close()
+        self.adopted.clear()
         for link in self._links:
             with contextlib.suppress(OSError, _errors.SockpolicyError):
-                link.close()
+                link.close()  # our fd only: a successor that took the link over keeps it attached
         self._links.clear()
         if self._cgroup is not None and self._previous_cgroup is not None:
             with contextlib.suppress(OSError):
                 (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
-            if self._created_cgroup:
-                # The cgroup reads as populated for a moment after the move: retry briefly.
-                for _ in range(50):
-                    try:
-                        self._cgroup.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.01)
-                else:
-                    log.warning("splice: could not remove cgroup %s (still busy)", self._cgroup)
+            self._remove_cgroup()
         if self._attachment is not None:
-            with contextlib.suppress(OSError, _errors.SockpolicyError):
-                self._attachment.detach()
+            if not self.exported:
+                # Exported: the successor's connections still run through this verdict.
+                with contextlib.suppress(OSError, _errors.SockpolicyError):
+                    self._attachment.detach()
             self._attachment.close()
             self._attachment = None
         for typed in (self._slot_of, self._owners):
@@ -452,6 +538,56 @@ class Splicer:
             owned.close()
         self._maps.clear()
 
+    def _remove_cgroup(self) -> None:
+        """Remove our cgroup unless another process (a successor, or the predecessor still draining)
+        is in it: the last one out removes it.  A cgroup named by ``serve`` outlives a killed process
+        (empty, harmless) and is reused by the next one."""
+        assert self._cgroup is not None
+        if not self._created_cgroup and not self._named:
+            return  # a cgroup the caller gave us
+        procs = self._cgroup / "cgroup.procs"
+        # The cgroup reads as populated for a moment after the move: retry briefly.
+        for _ in range(50):
+            try:
+                others = [pid for pid in procs.read_text().split() if int(pid) != os.getpid()]
+            except FileNotFoundError:
+                return
+            except OSError:
+                others = []
+            if others:
+                log.debug("splice: leaving cgroup %s to pid %s", self._cgroup, others[0])
+                return
+            try:
+                self._cgroup.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+        log.warning("splice: could not remove cgroup %s (still busy)", self._cgroup)
+
+    def enter(self) -> None:
+        """Move this process into our cgroup (again): its TCP sockets created from now on are enrolled.
+
+        For ``serve --workers N --splice``: the parent creates each worker's listening sockets while in
+        that worker's cgroup, and each forked worker moves itself in before it connects upstream.
+        """
+        assert self._cgroup is not None
+        (self._cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def leave(self) -> None:
+        """Move this process back to the cgroup it was in before :meth:`open`."""
+        if self._previous_cgroup is not None:
+            (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def drop_links(self) -> None:
+        """Close our fds of the SOCK_OPS link without detaching anything (a forked worker: the parent's
+        fds keep the attachment, and :meth:`stop_enrolling` there must be able to end it)."""
+        for link in self._links:
+            with contextlib.suppress(OSError):
+                link.close()  # this fd only: an unpinned link detaches when its LAST fd is closed
+        self._links.clear()
+
     def stop_enrolling(self) -> None:
         """Detach the SOCK_OPS program: sockets established from now on are not enrolled.  Idempotent.
 
@@ -462,6 +598,96 @@ class Splicer:
             with contextlib.suppress(OSError, _errors.SockpolicyError):
                 link.close()
         self._links.clear()
+
+    # -- restart: handing connections to a successor ------------------------------------------------
+
+    def export_maps(self) -> list[Map]:
+        """The maps a successor needs to keep this splicer's connections working, in :data:`MAP_NAMES`
+        order (send their fds with SCM_RIGHTS).  Holding ``socks`` keeps the SK_SKB verdict attached
+        and every socket in it redirected after this process is gone; ``conns`` (mmapped) and the
+        hashes are the slots' state.  Call :meth:`mark_exported` once the successor has them."""
+        return [self._maps[map_name] for map_name in MAP_NAMES]
+
+    def sockops_link(self) -> Link | None:
+        """The SOCK_OPS link, for a successor to take over with ``BPF_LINK_UPDATE``."""
+        return self._links[0] if self._links else None
+
+    def mark_exported(self) -> None:
+        """A successor holds our maps now: :meth:`close` must not detach the verdict from them."""
+        self.exported = True
+
+    @classmethod
+    def adopt(cls, maps: list[Map], pid: int) -> Splicer:
+        """A predecessor's splicer from its exported maps (restart): no cgroup, no SOCK_OPS program.
+
+        It keeps the predecessor's connections spliced (the verdict stays attached to ``socks`` as long
+        as this process holds the map) and frees their slots when they end.  The owning splicer's
+        sweeper sweeps it and closes it once nothing is left in it.
+        """
+        self = cls()
+        self.adopted_from = pid
+        try:
+            if len(maps) != len(MAP_NAMES):
+                raise SpliceUnavailable("restart", f"expected {len(MAP_NAMES)} splice maps, got {len(maps)}")
+            self._maps = dict(zip(MAP_NAMES, maps, strict=True))
+            self._map_slots()
+        except BaseException:
+            for m in maps:
+                m.close()
+            self._maps.clear()
+            self.close()
+            raise
+        return self
+
+    def adopt_slot(self, sock: socket.socket, cookie: int, slot: int, base: int) -> SpliceSocket:
+        """Claim the slot of a spliced socket received from the predecessor (restart).
+
+        :raises SpliceUnavailable: the socket is not (or no longer) in that slot.
+        """
+        if self.closed or self._slot_of is None:
+            raise SpliceUnavailable("splicer", "the splicer is closed")
+        if cookie_of(sock) != cookie or self._slot_of.get(cookie) != slot:
+            raise SpliceUnavailable("socket", "the adopted socket is not in its slot")
+        conn = self._view(slot)
+        if conn.owner != cookie or conn.closed:
+            raise SpliceUnavailable("socket", "socket already closed")
+        handle = SpliceSocket(self, sock, cookie, slot, base)
+        self._claimed[slot] = cookie
+        return handle
+
+    def _orphan(self, owner: int) -> bool:
+        """In a predecessor's maps (:meth:`adopt`): whether the slot of socket ``owner`` is done with.
+
+        Either the predecessor released it (step 1, ``slot_of`` deleted) and exited before its
+        quarantine ended, or the socket is closed (it left ``socks``) without being marked: its state
+        callbacks now run OUR program, the cgroup's, which does not know these maps.  Nothing enrols
+        into them any more, so this is never an enrolment half-way; :meth:`sweep` still waits for a
+        second sighting, to let any program run that began before the switch finish.
+        """
+        assert self._slot_of is not None
+        if owner not in self._slot_of:
+            return True
+        return self._maps["socks"].get(struct.pack("=Q", owner)) is None
+
+    def idle(self) -> bool:
+        """No slot in use and nothing to free: an adopted splicer can be closed."""
+        if self.closed or self._claimed or self._quarantine:
+            return self.closed
+        return not len(self._owners or ())
+
+    def take_adopted_pairs(self) -> list[Any]:
+        """The spliced connections received in a restart, for ``serve()`` to run; each once."""
+        pairs, self.adopted_pairs = self.adopted_pairs, []
+        return pairs
+
+    def _adopted_reason(self, cookie: int) -> str | None:
+        for other in self.adopted:
+            if other._slot_of is not None and cookie in other._slot_of:
+                return (
+                    f"socket enrolled by the splice programs of pid {other.adopted_from} (established while "
+                    "the restart switched over)"
+                )
+        return None
 
     def __enter__(self) -> Splicer:
         return self
@@ -493,8 +719,9 @@ class Splicer:
             raise SpliceUnavailable("socket", f"no socket cookie: {exc}") from None
         slot = self._slot_of.get(cookie)
         if slot is None:
+            reason = self._adopted_reason(cookie)
             raise SpliceUnavailable(
-                "socket", "socket not enrolled (created outside the splice cgroup, or no free slot)"
+                "socket", reason or "socket not enrolled (created outside the splice cgroup, or no free slot)"
             )
         conn = self._view(slot)
         if conn.owner != cookie or conn.closed:
@@ -513,7 +740,7 @@ class Splicer:
 
     def _free(self, slot: int, cookie: int) -> None:
         # Step 1: no new verdict run or close callback finds the slot.  Step 2 (after QUARANTINE) in sweep().
-        if self._slot_of is None or slot in self._quarantine:
+        if self.closed or self._slot_of is None or slot in self._quarantine:
             return
         with contextlib.suppress(KeyError):
             del self._slot_of[cookie]
@@ -544,9 +771,26 @@ class Splicer:
             mode_closed = words[2::_WORDS].tolist()
         finally:
             words.release()
+        orphans = set()
         for slot, (owner, flags) in enumerate(zip(owners, mode_closed, strict=True)):
-            if owner and flags >> 32 and slot not in self._claimed and slot not in self._quarantine:
+            if not owner or slot in self._claimed or slot in self._quarantine:
+                continue
+            if flags >> 32:
                 self._free(slot, owner)
+            elif self.adopted_from is not None and self._orphan(owner):
+                if slot in self._orphans:
+                    self._free(slot, owner)
+                else:
+                    orphans.add(slot)
+        self._orphans = orphans
+        for other in list(self.adopted):
+            other.sweep()
+            if other.idle():
+                log.info("splice: released the splice maps adopted from pid %s (nothing left in them)",
+                         other.adopted_from)  # fmt: skip
+                self.stats.slots_freed += other.stats.slots_freed
+                other.close()
+                self.adopted.remove(other)
 
     async def run_sweeper(self, interval: float = SWEEP_INTERVAL) -> None:
         """Call :meth:`sweep` every ``interval`` seconds until cancelled."""

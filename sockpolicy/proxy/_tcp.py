@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -22,11 +23,11 @@ from ._connection import Connection, Direction, Message, normalize_addr
 from ._context import RECV_SIZE, Context, callback_name, log
 from ._framers import Framer, FramingError, RawFramer
 from ._policy import _MessageRule, run_callback, settle_result
-from ._splice import SpliceSocket, SpliceUnavailable, queued_total
-from ._streams import EchoStream, SockStream
+from ._splice import MODE_SPLICED, AdoptedPair, SpliceSocket, SpliceUnavailable, queued_total
+from ._streams import EchoStream, SockStream, abort_socket
 from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict, verdict_kind
 
-__all__ = ["handle_tcp"]
+__all__ = ["handle_tcp", "run_adopted_splice"]
 
 Stream = SockStream | EchoStream
 
@@ -553,6 +554,8 @@ class _TcpSession:
         except SpliceUnavailable as exc:
             self.claim_failure = str(exc)
             self._release_slots()
+        else:
+            splicer.sessions.add(self)  # restart: hand_over() may pass the connection to the successor
 
     def _release_slots(self) -> None:
         splicer = self.ctx.splicer
@@ -751,3 +754,120 @@ class _TcpSession:
             if now != last:
                 last = now
                 self._touch()
+
+    # -- restart ------------------------------------------------------------------------------------
+
+    def hand_over(self) -> tuple[int, int, SpliceSocket, SpliceSocket] | None:
+        """Stop serving this connection here, untouched, if the kernel carries it all (restart).
+
+        Only when both directions are in MODE_SPLICED and userspace holds nothing: every byte the verdict
+        passed has been read, forwarded (``passed == forwarded == read``) and consumed (the socket's queue is
+        empty), no FIN or RST has been seen (both sockets ESTABLISHED), no write is in progress.  All of it is
+        checked, and the session cancelled, in one trio step, so no pump runs in between: a pump is parked in
+        its receive, and cancelling it there reads nothing.  Whatever the kernel passes after the check
+        (a throttle, a FIN, an RST) stays queued for the successor, whose relay starts at ``read =
+        forwarded`` exactly like this one would have.
+
+        :returns: duplicates of the client and upstream socket fds (the caller sends them and closes them)
+            and the two slots, which stay claimed here so that this process never frees them; ``None`` if
+            the connection is not in that state (it keeps draining here).
+        """
+        primary = self.primary
+        client_slot, upstream_slot = self.client_slot, self.upstream_slot
+        if (
+            self.end is not None
+            or not self.splicing
+            or self.pumps != 2
+            or len(self.legs) != 1
+            or primary is None
+            or primary.eof
+            or not isinstance(primary.stream, SockStream)
+            or client_slot is None
+            or upstream_slot is None
+            or self.client_lock.locked()
+        ):
+            return None
+        directions = (
+            (Direction.TO_UPSTREAM, client_slot, self.client),
+            (Direction.TO_CLIENT, upstream_slot, primary.stream),
+        )
+        for direction, source, stream in directions:
+            c = source.conn
+            if c.mode != MODE_SPLICED or c.closed or self.unconsumed[direction]:
+                return None
+            if not c.passed == c.forwarded == self.read[direction]:
+                return None
+            if not _quiet(stream.sock):
+                return None
+        fds = (os.dup(self.client.sock.fileno()), os.dup(primary.stream.sock.fileno()))
+        # Out of _release_slots' reach: the successor frees them.  Our close() of the sockets only drops this
+        # process's fds (the duplicates keep them open): no FIN, no RST.
+        self.client_slot = self.upstream_slot = None
+        self._finish(_End("spliced connection handed over to the successor", reset=False))
+        return fds[0], fds[1], client_slot, upstream_slot
+
+
+# -- restart: spliced connections move to the successor (docs/operations.md) ----------------------------
+
+_TCP_ESTABLISHED = 1  # tcpi_state
+
+
+def _quiet(sock: trio.socket.SocketType) -> bool:
+    """Established (no FIN or RST received or sent) and nothing queued for userspace to read."""
+    try:
+        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED:
+            return False
+        sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[attr-defined]
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False  # data (or an EOF) is waiting: a pump has something to do
+
+
+class _AdoptedSession(_TcpSession):
+    """A spliced connection received in a restart: no on_connect, no upstream to open."""
+
+    async def _setup(self) -> None:
+        pass
+
+
+async def run_adopted_splice(ctx: Context, pair: AdoptedPair) -> None:
+    """Serve a spliced connection handed over by the predecessor (restart) until it ends.
+
+    The relay resumes in the state the predecessor left it in (:meth:`_TcpSession.hand_over`): raw,
+    splicing, both switches done (``read = forwarded`` per direction, receive buffers already restored),
+    so it only does what it does for any spliced connection: EOF and RST propagation, the throttle
+    case, the idle timeout and releasing the slots.
+    """
+    client = trio.socket.from_stdlib_socket(pair.client)
+    upstream = trio.socket.from_stdlib_socket(pair.upstream)
+    try:
+        conn = Connection("tcp", normalize_addr(client.getpeername()), normalize_addr(client.getsockname()),
+                          ctx.label)  # fmt: skip
+        conn.upstream = normalize_addr(upstream.getpeername())
+    except OSError as exc:  # reset meanwhile: what an RST means, on both sides
+        log.info(
+            "spliced connection adopted from pid %d: already gone (%s); resetting both sides", pair.pid, exc
+        )
+        abort_socket(client)
+        abort_socket(upstream)
+        pair.client_slot.release()
+        pair.upstream_slot.release()
+        return
+    session = _AdoptedSession(ctx, conn, SockStream(client))
+    leg = _Leg(conn.upstream, SockStream(upstream), None)
+    session.legs[conn.upstream] = session.primary = leg
+    session.raw = session.splicing = True
+    session.client_slot, session.upstream_slot = pair.client_slot, pair.upstream_slot
+    session.read = {
+        Direction.TO_UPSTREAM: pair.client_slot.conn.forwarded,
+        Direction.TO_CLIENT: pair.upstream_slot.conn.forwarded,
+    }
+    session.hooked = {Direction.TO_UPSTREAM, Direction.TO_CLIENT}
+    session.restored = {Direction.TO_UPSTREAM, Direction.TO_CLIENT}
+    if ctx.splicer is not None:
+        ctx.splicer.sessions.add(session)  # a later restart may hand it on again
+    log.info("%r: spliced connection adopted from pid %d", conn, pair.pid)
+    ctx.stats.connections_accepted -= 1  # run() counts it; this process did not accept it
+    await session.run()
