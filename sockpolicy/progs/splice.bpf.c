@@ -49,7 +49,8 @@ struct tcp_sock {
 #define STAT_OLD_DROPPED 8   // skbs made only of bytes the verdict had already judged (dropped)
 #define STAT_OLD_TRIMMED 9   // skbs that started with already-judged bytes, trimmed to their new part
 #define STAT_TRIM_FAILED 10  // such skbs that could not be trimmed: dropped, slot marked `broken`
-#define N_STATS 11
+#define STAT_SEQ_UNKNOWN 11  // skbs whose control block did not span the payload: not checked for old bytes
+#define N_STATS 12
 
 #define CFG_HIGH 0 // backlog (bytes) above which the verdict hands skbs back to userspace
 #define CFG_LOW 1  // backlog (bytes) under which it splices again
@@ -326,6 +327,7 @@ static __always_inline int skip_old(struct __sk_buff *skb, struct conn *c, __u32
     __u32 span = skb->cb[1] - seq;
     if (span != len && span != len + 1) {
         c->seq_known = 0; // not a TCP control block we can read: start again from the next good one
+        bump(STAT_SEQ_UNKNOWN);
         return len;
     }
     __u32 end = seq + len;

@@ -65,6 +65,7 @@ _STATS = (
     "old_dropped",
     "old_trimmed",
     "trim_failed",
+    "seq_unknown",
 )
 _CFG_RULES = 2  # CFG_RULES in splice.bpf.c
 
