@@ -826,7 +826,11 @@ async def test_overlapping_retransmission_not_delivered_twice(netns: NetNS) -> N
                 assert bytes(tcp.received) == b"PRE\n", tcp.received
 
         with trio.fail_after(TIMEOUT):
-            await trio.to_thread.run_sync(client)
+            try:
+                await trio.to_thread.run_sync(client)
+            except AssertionError as exc:
+                closing = [line for line in px.stderr().splitlines() if "closing" in line]
+                raise AssertionError(f"{exc}; proxy: {closing}; upstream: {up.errors}") from None
             stats = await px.wait_idle()
     assert up.errors == [] and up.results == {conn_id: size}, (up.errors, up.results)
     assert_clean(stats)
