@@ -343,9 +343,10 @@ static __always_inline int skip_old(struct __sk_buff *skb, struct conn *c, __u32
         return len;
     }
     if ((__u32)behind >= len) {
-        // Only old bytes.  Trimmed to nothing before the drop anyway: the kernel advances copied_seq
-        // by what is left of a consumed skb (measured by the test of this case), and old bytes were
-        // already accounted for there.
+        // Only old bytes (defensive: TCP itself drops a segment that is entirely old before queueing
+        // it, and the forced test saw no such skb).  Trimmed to nothing before the drop in case the
+        // kernel advances copied_seq by the length left in a consumed skb; the old bytes were already
+        // accounted for.  That effect on copied_seq is from memory of the source, not verified here.
         trim_head(skb, len);
         __sync_fetch_and_add(&c->old, len);
         bump(STAT_OLD_DROPPED);
