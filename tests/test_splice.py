@@ -772,13 +772,17 @@ class _RawTcp:
     sent = 0
 
 
-async def test_overlapping_retransmission_not_delivered_twice(netns: NetNS) -> None:
+@pytest.mark.parametrize(("first", "overlap", "second"), [(1000, 500, 2000), (30000, 10000, 60000)])
+async def test_overlapping_retransmission_not_delivered_twice(
+    netns: NetNS, first: int, overlap: int, second: int
+) -> None:
     """A segment that repeats already-received bytes and carries new ones reaches the verdict whole
     (tcp_data_queue queues it, tcp_read_skb hands it over): only its new bytes may leave.
 
-    A hand-made client (raw socket) sends [0, 1000), then [500, 2000), then [1500, 2000) (all old: TCP
-    drops it itself), then the rest with a FIN.  The upstream checks every byte; the verdict must have
-    trimmed exactly one skb.  Before the verdict tracked sequence numbers, the upstream got 500 bytes twice.
+    A hand-made client (raw socket) sends [0, first), then [overlap, second), then [first, second) again
+    (all old: TCP drops it itself), then the rest with a FIN.  The upstream checks every byte; the verdict
+    must have trimmed exactly one skb.  Without the trim, the upstream got the overlap twice.  The second
+    case overlaps 20000 bytes, more than one bpf_skb_adjust_room call removes (4095).
     """
     port = 41234
     # The client's kernel has no socket for our port: keep it from resetting the proxy's SYN-ACK and data.
@@ -801,7 +805,7 @@ async def test_overlapping_retransmission_not_delivered_twice(netns: NetNS) -> N
         "tc",
     ]
     subprocess.run(filt, check=True)
-    conn_id, size = 7, 3000
+    conn_id, size = 7, second + 1000
     stream = b"PRE\n" + HEADER.pack(MAGIC, conn_id, size, 0) + pattern(conn_id, 0, 0, size)
     async with upstream_server(netns) as up, proxy_process(netns, up, "--policy", "connect") as px:
         raw = netns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
@@ -815,11 +819,11 @@ async def test_overlapping_retransmission_not_delivered_twice(netns: NetNS) -> N
                 assert got is not None, "no SYN-ACK"
                 tcp.send(tcp.isn + 1, _ACK)
                 time.sleep(0.5)  # accepted, upstream connected, splice requested
-                for start, end in ((0, 1000), (500, 2000), (1500, 2000)):
+                for start, end in ((0, first), (overlap, second), (first, second)):
                     tcp.data(start, stream[start:end])
                     time.sleep(0.1)
                 tcp.sent = len(stream)
-                tcp.data(2000, stream[2000:], _ACK | _PSH | _FIN)
+                tcp.data(second, stream[second:], _ACK | _PSH | _FIN)
                 tcp.sent += 1
                 tcp.ack_until_fin(10)
                 assert tcp.fin, "the proxy never closed its side"
