@@ -46,7 +46,11 @@ struct tcp_sock {
 #define STAT_RULE_DROPPED 5  // skbs dropped by a rule (Drop, default Drop, Redirect to a missing label)
 #define STAT_RULE_DIVERTED 6 // skbs a Redirect rule sent out of a labelled socket instead of the peer
 #define STAT_RULES_FRAMED 7  // skbs not judged: the active rule set is framed (per-frame rules, not per-skb)
-#define N_STATS 8
+#define STAT_OLD_DROPPED 8   // skbs made only of bytes the verdict had already judged (dropped)
+#define STAT_OLD_TRIMMED 9   // skbs that started with already-judged bytes, trimmed to their new part
+#define STAT_TRIM_FAILED 10  // such skbs that could not be trimmed: dropped, slot marked `broken`
+#define STAT_SEQ_UNKNOWN 11  // skbs whose control block did not span the payload: not checked for old bytes
+#define N_STATS 12
 
 #define CFG_HIGH 0 // backlog (bytes) above which the verdict hands skbs back to userspace
 #define CFG_LOW 1  // backlog (bytes) under which it splices again
@@ -69,7 +73,12 @@ struct conn {
     __u32 peer_slot;  // slot of `peer` (userspace, before MODE_PENDING)
     __u32 throttles;  // MODE_SPLICED -> MODE_PENDING switches because the peer fell behind (verdict only)
     __u64 diverted;   // bytes a Redirect rule sent out of a labelled socket instead of the peer (verdict)
-    __u64 pad[4];
+    __u32 rcv_next;   // TCP sequence number after the last byte the verdict judged (verdict only)
+    __u32 seq_known;  // 1 once rcv_next is set (the first skb with a trustworthy control block)
+    __u64 old;        // bytes the verdict saw a second time (retransmissions), dropped or trimmed (verdict)
+    __u32 broken;     // 1: an skb with old bytes could not be trimmed and was dropped whole (verdict)
+    __u32 pad32;
+    __u64 pad[1];
 };
 
 struct {
@@ -167,6 +176,10 @@ static __always_inline void enrol(struct bpf_sock_ops *skops)
     c->written = 0;
     c->peer_slot = 0;
     c->throttles = 0;
+    c->rcv_next = 0;
+    c->seq_known = 0;
+    c->old = 0;
+    c->broken = 0;
     c->seq_base = skops->snd_nxt;
     c->owner = cookie;
     if (bpf_map_update_elem(&slot_of, &cookie, &slot, BPF_NOEXIST) != 0) {
@@ -281,6 +294,76 @@ static __always_inline int judge(struct __sk_buff *skb, struct conn *c, __u32 le
     return SK_DROP;
 }
 
+// Retransmissions that overlap bytes already received.  TCP queues a retransmitted segment that starts
+// before rcv_nxt but ends after it whole (tcp_data_queue, "partial packet"), and recvmsg skips the old
+// part with an offset (copied_seq - seq).  tcp_read_skb, which feeds this verdict, ignores that offset
+// and hands the whole skb over, so without this check the old bytes would be passed or redirected a
+// second time (docs/splice.md, "Why no byte is lost, duplicated or reordered", point 2).  The verdict
+// keeps the sequence number after the last byte it judged and removes anything before it: an skb made
+// only of old bytes is dropped, one that starts with old bytes is trimmed at its head
+// (bpf_skb_adjust_room with a negative len_diff pulls bytes off the head in SK_SKB programs, at most
+// 0xfff per call).  The control block (cb[0] = seq, cb[1] = end_seq) is trusted only when it spans
+// exactly the payload (or the payload plus a FIN), as in rules.bpf.c.  Returns the new payload length,
+// 0 to drop the skb (only old bytes), -1 when the old bytes could not be removed (counted, slot broken:
+// the relay resets both sides rather than deliver a duplicate).
+#define TRIM_STEP 0xfff
+#define TRIM_STEPS 64 // 64 * 4095 > 256 KiB, more than any skb on the receive path here
+
+// Remove n bytes from the head of the skb's payload; 0 on success.
+static __always_inline int trim_head(struct __sk_buff *skb, __u32 n)
+{
+    for (int i = 0; i < TRIM_STEPS && n; i++) {
+        __u32 step = n < TRIM_STEP ? n : TRIM_STEP;
+        if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0) != 0)
+            return -1;
+        n -= step;
+    }
+    return n ? -1 : 0;
+}
+
+static __always_inline int skip_old(struct __sk_buff *skb, struct conn *c, __u32 len)
+{
+    __u32 seq = skb->cb[0];
+    __u32 span = skb->cb[1] - seq;
+    if (span != len && span != len + 1) {
+        c->seq_known = 0; // not a TCP control block we can read: start again from the next good one
+        bump(STAT_SEQ_UNKNOWN);
+        return len;
+    }
+    __u32 end = seq + len;
+    if (!c->seq_known) {
+        c->rcv_next = end;
+        c->seq_known = 1;
+        return len;
+    }
+    __s32 behind = (__s32)(c->rcv_next - seq);
+    if (behind <= 0) {
+        // In order (behind == 0) or, never seen, after a gap: judge it all; either way it is new.
+        c->rcv_next = end;
+        return len;
+    }
+    if ((__u32)behind >= len) {
+        // Only old bytes (defensive: TCP itself drops a segment that is entirely old before queueing
+        // it, and the forced test saw no such skb).  Trimmed to nothing before the drop in case the
+        // kernel advances copied_seq by the length left in a consumed skb; the old bytes were already
+        // accounted for.  That effect on copied_seq is from memory of the source, not verified here.
+        trim_head(skb, len);
+        __sync_fetch_and_add(&c->old, len);
+        bump(STAT_OLD_DROPPED);
+        return 0;
+    }
+    if (trim_head(skb, behind) != 0 || skb->len != len - behind) {
+        c->broken = 1;
+        __sync_fetch_and_add(&c->old, behind);
+        bump(STAT_TRIM_FAILED);
+        return -1;
+    }
+    __sync_fetch_and_add(&c->old, behind);
+    bump(STAT_OLD_TRIMMED);
+    c->rcv_next = end;
+    return len - behind;
+}
+
 SEC("sk_skb")
 int splice_verdict(struct __sk_buff *skb)
 {
@@ -308,6 +391,10 @@ int splice_verdict(struct __sk_buff *skb)
         return SK_DROP;
     }
     c->skbs++; // only this socket's verdict writes it, and its runs are serialised by the socket lock
+    int fresh = skip_old(skb, c, len);
+    if (fresh <= 0)
+        return SK_DROP; // nothing new in it (or, counted and flagged, it could not be trimmed)
+    len = fresh;
     if (cfg(CFG_RULES, 0)) {
         // Before the splice logic, in every mode: a message a rule drops or diverts is neither handed to
         // userspace (passed) nor redirected to the peer, so both invariants keep counting only bytes

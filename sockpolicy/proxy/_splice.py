@@ -71,6 +71,10 @@ _STATS = (
     "rule_dropped",
     "rule_diverted",
     "rules_framed",
+    "old_dropped",
+    "old_trimmed",
+    "trim_failed",
+    "seq_unknown",
 )
 _CFG_RULES = 2  # CFG_RULES in splice.bpf.c
 
@@ -114,7 +118,12 @@ class _Conn(ctypes.Structure):
         ("peer_slot", ctypes.c_uint32),
         ("throttles", ctypes.c_uint32),
         ("diverted", ctypes.c_uint64),
-        ("pad", ctypes.c_uint64 * 4),
+        ("rcv_next", ctypes.c_uint32),
+        ("seq_known", ctypes.c_uint32),
+        ("old", ctypes.c_uint64),
+        ("broken", ctypes.c_uint32),
+        ("pad32", ctypes.c_uint32),
+        ("pad", ctypes.c_uint64 * 1),
     ]
 
 

@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,28 @@ Stream = SockStream | EchoStream
 #: Receive buffer (SO_RCVBUF) of both sockets while a splice is pending.
 SWITCH_RCVBUF = 32768
 SO_RCVBUFFORCE = 33
+_TCP_INFO_BYTES_RECEIVED = 128  # offsetof(struct tcp_info, tcpi_bytes_received)
+_TCP_INFO_LEN = 136
+
+
+def _overcount(slot: SpliceSocket, sock: trio.socket.SocketType) -> str | None:
+    """Why ``slot``'s verdict cannot have seen each received byte exactly once, or ``None``.
+
+    Every byte the verdict passed, redirected, dropped or diverted was received by TCP first, so their
+    sum never exceeds ``tcpi_bytes_received`` (counters are read first: TCP's count only grows in
+    between).  More means the verdict handled some bytes twice: a retransmission overlapping bytes
+    already received, which the verdict normally trims (``old`` in splice.bpf.c) and flags as
+    ``broken`` when it cannot.
+    """
+    c = slot.conn
+    if c.broken:
+        return f"the kernel could not trim a retransmission ({c.old} old bytes)"
+    seen = c.passed + c.redirected + c.dropped + c.diverted
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    (received,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)
+    if seen > received:
+        return f"the verdict handled {seen - received} bytes more than TCP received"
+    return None
 
 
 @functools.cache
@@ -401,6 +424,7 @@ class _TcpSession:
             else:
                 await self._message_up(rest)  # a trailing partial message is still inspected
         if self.splicing and self.upstream_slot is not None:
+            self._verify_slots()
             # The FIN is not carried across a redirect: send it once the kernel's bytes are all queued.
             await self._wait_drained(self.upstream_slot, self.client_slot, self.primary.stream)
         # Half-close: tell every upstream, keep relaying what they still send back.
@@ -488,6 +512,7 @@ class _TcpSession:
             else:
                 await self._message_down(rest)
         if primary and self.splicing and self.client_slot is not None:
+            self._verify_slots()
             await self._wait_drained(self.client_slot, self.upstream_slot, self.client)
         leg.eof = True
         # The client's write side closes once no upstream can send anything more.
@@ -563,9 +588,10 @@ class _TcpSession:
             if slot is not None and slot._conn is not None:
                 c = slot.conn
                 log.debug(
-                    "%r: %s mode=%d passed=%d forwarded=%d redirected=%d written=%d throttles=%d dropped=%d",
+                    "%r: %s mode=%d passed=%d forwarded=%d redirected=%d written=%d throttles=%d dropped=%d"
+                    " old=%d broken=%d",
                     self.conn, "client" if slot is self.client_slot else "upstream", c.mode, c.passed,
-                    c.forwarded, c.redirected, c.written, c.throttles, c.dropped,
+                    c.forwarded, c.redirected, c.written, c.throttles, c.dropped, c.old, c.broken,
                 )  # fmt: skip
                 if self.splicing:
                     spliced = slot.redirected
@@ -734,6 +760,26 @@ class _TcpSession:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.005)
 
+    def _verify_slots(self) -> None:
+        """Production check that no byte was handled twice by the verdict (see :func:`_overcount`).
+
+        :raises _End: resetting both sides, rather than let a duplicated byte through unnoticed.
+        """
+        assert self.primary is not None
+        pairs = (
+            (self.client_slot, self.client, "client"),
+            (self.upstream_slot, self.primary.stream, "upstream"),
+        )
+        for slot, stream, name in pairs:
+            if slot is None or slot._conn is None or not isinstance(stream, SockStream):
+                continue
+            try:
+                why = _overcount(slot, stream.sock)
+            except OSError:
+                continue  # the socket is gone: its pump reports that
+            if why is not None:
+                raise _End(f"spliced {name} stream corrupt: {why}", reset=True, error=True)
+
     async def _splice_watchdog(self) -> None:
         """The relay sees no spliced byte: push the idle deadline while the kernel's counters move."""
         timeout = self.ctx.idle_timeout
@@ -749,6 +795,11 @@ class _TcpSession:
             await trio.sleep(interval)
             slots = [slot for slot in (self.client_slot, self.upstream_slot) if slot is not None]
             if any(slot._conn is None for slot in slots):
+                return
+            try:
+                self._verify_slots()
+            except _End as end:
+                self._finish(end)
                 return
             now = tuple(slot.redirected for slot in slots)
             if now != last:
