@@ -709,7 +709,7 @@ def _kernel_only_note(results: dict[str, Any]) -> list[str]:
     if share is not None:
         sp = counters["splice"]
         text += (
-            f"after its bulk runs {sp.get('spliced', 0)} connections were spliced, "
+            f"at the end of the run {sp.get('spliced', 0)} connections had been spliced, "
             f"{sp.get('fallbacks', 0)} fell back to userspace; the kernel moved "
             f"{sp.get('bytes_spliced', 0) / 1e9:.2f} GB and the proxy process relayed "
             f"{counters.get('bytes_from_client', 0) / 1e9:.2f} GB ({100 * share:.1f}% in the "
@@ -729,6 +729,19 @@ def _kernel_only_note(results: dict[str, Any]) -> list[str]:
             f"by at most {max(drops):.0f} MiB during one of its bulk runs (median "
             f"{statistics.median(drops):.0f} MiB); the load generator's sink reads at full speed, a slow "
             "reader would let it grow without limit."
+        )
+    secs = [
+        r["seconds"]
+        for k in results["settings"]["bulk_streams"]
+        for r in results.get("data", {}).get(f"bulk_{k}", {}).get(KERNEL_ONLY, [])
+        if "seconds" in r
+    ]
+    send = results["settings"].get("bulk_duration")
+    if secs and send:
+        text += (
+            f" Its bulk runs took {min(secs):.2f} to {max(secs):.2f} s for a {send:g} s send phase: after"
+            "  the sender stopped, the kernel was still draining that "
+            "backlog. Its Gbit/s are bytes delivered over the whole time."
         )
     return ["", text.rstrip()]
 
@@ -811,7 +824,7 @@ def _kernel_only_bound(results: dict[str, Any], limit: float, prof: dict[str, An
             text += (
                 "Busy samples by thread: "
                 + ", ".join(f"{c} {p:.0f}%" for c, p in e.get("by_thread", [])[:4])
-                + "; hottest kernel symbols: "
+                + "; hottest symbols (all CPUs): "
                 + ", ".join(f"`{sym}` {pct:.0f}%" for sym, pct in e["kernel_top"][:4])
                 + ". "
             )
@@ -821,13 +834,27 @@ def _kernel_only_bound(results: dict[str, Any], limit: float, prof: dict[str, An
             queued = pb.get("queued_by", {})
             timer = sum(v for k, v in queued.items() if k.startswith("timer"))
             total = sum(queued.values())
-            if total and timer / total >= 0.3 and pb.get("share_of_time_in_gaps_ge_1ms", 0) >= 0.2:
+            runs = pb.get("runs_per_unit", 0.0)
+            if runs:
+                text += f"That is about {65536 / runs / 2**20:.2f} MiB transmitted per run. "
+            drops = [
+                r["mem_available_drop_kib"] / 1024
+                for r in results.get("data", {}).get("bulk_1", {}).get(KERNEL_ONLY, [])
+                if "mem_available_drop_kib" in r
+            ]
+            if drops and max(drops) >= 64:
+                # The backlog grew: the sender outpaced the transmit, so the transmit side is the limit.
                 text += (
-                    f"{timer} of {total} runs were queued by the retry timer and "
-                    f"{100 * pb['share_of_time_in_gaps_ge_1ms']:.0f}% of the time passed in gaps of 1 ms or "
-                    "more: when the target's send buffer is full the worker re-queues itself one jiffy "
-                    "later, so the redirect moves about one send buffer per jiffy; that wait, not a copy "
-                    "or a syscall, is the bound. "
+                    f"`MemAvailable` fell by up to {max(drops):.0f} MiB in its 1-stream runs: the unsent "
+                    "redirect backlog grew, so the sender outpaced the transmit and the limit is the "
+                    "transmit, which runs in that worker; yet kworkers hold only "
+                    f"{threads.get('kworker', 0):.0f}% of the busy samples: the worker waits more than it "
+                    "works. The bound is how often and how long the worker runs, not a copy or a syscall "
+                    f"in the proxy process ({e.get('per_unit', {}).get('cpu_us', 0):.1f} µs of its CPU per "
+                    f"{e.get('unit', '64 KiB')}). {timer} of {total} runs were queued by the retry timer "
+                    "(target's send buffer full: re-queued one jiffy later), the rest by the sender; how "
+                    "much of the wait is for the CPU the worker shares with client and server is not "
+                    "measured. "
                 )
             elif "kworker" in threads:
                 text += (
