@@ -739,8 +739,8 @@ def _kernel_only_note(results: dict[str, Any]) -> list[str]:
     send = results["settings"].get("bulk_duration")
     if secs and send:
         text += (
-            f" Its bulk runs took {min(secs):.2f} to {max(secs):.2f} s for a {send:g} s send phase: after"
-            "  the sender stopped, the kernel was still draining that "
+            f" Its bulk runs took {min(secs):.2f} to {max(secs):.2f} s for a {send:g} s send phase: after "
+            "the sender stopped, the kernel was still draining that "
             "backlog. Its Gbit/s are bytes delivered over the whole time."
         )
     return ["", text.rstrip()]
