@@ -25,8 +25,25 @@ DESCRIPTIONS = {
     "trio-copy": "minimal trio copy loop (`bench/copyproxy.py`): 64 KiB `recv_into`/`send`",
     "sp-userspace": "sockpolicy proxy, steered by SK_LOOKUP, `on_message` returning `Pass()` always",
     "sp-spliced": "sockpolicy proxy, steered by SK_LOOKUP, `on_connect` returning `Pass(splice=True)`",
+    "sp-spliced-kernel": "bulk measurements only: `sp-spliced` with `Splicer.open(backlog_high={high}, "
+    "backlog_low={low})`, so large that no connection is ever throttled back to userspace: what the kernel "
+    "redirect alone moves. **Not a production setting**: nothing then bounds the kernel's redirect backlog "
+    "(docs/splice.md, Backpressure)",
 }
 DATA_PATH = ["direct", "haproxy", "trio-copy", "sp-userspace", "sp-spliced"]
+#: bulk-only: the spliced proxy with throttling disabled (the bound of spliced bulk throughput)
+KERNEL_ONLY = "sp-spliced-kernel"
+
+
+def bulk_names(results: dict[str, Any]) -> list[str]:
+    """DATA_PATH, plus the kernel-only spliced candidate when this run measured it."""
+    data = results.get("data", {})
+    measured = any(data.get(f"bulk_{n}", {}).get(KERNEL_ONLY) for n in results["settings"]["bulk_streams"])
+    return DATA_PATH + ([KERNEL_ONLY] if measured else [])
+
+
+def _mib(n: Any) -> str:
+    return f"{n / 2**20:.0f} MiB" if isinstance(n, int) else "see bench/run.py"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +271,9 @@ def write_markdown(results: dict[str, Any], md: Path, img_rel: str, plots: list[
     ]
     rows = []
     for name, desc in DESCRIPTIONS.items():
+        if name == KERNEL_ONLY:
+            cand = results.get("candidates", {}).get(name, {})
+            desc = desc.format(high=_mib(cand.get("backlog_high")), low=_mib(cand.get("backlog_low")))
         why = unavailable(results, name)
         rows.append([f"`{name}`", desc, "measured" if why is None else f"not available: {why}"])
     L += table(["candidate", "what", "status"], rows)
@@ -333,7 +353,7 @@ def write_markdown(results: dict[str, Any], md: Path, img_rel: str, plots: list[
         "1 stream across CPUs, Gbit/s",
     ]
     rows = []
-    for name in DATA_PATH:
+    for name in bulk_names(results):
         row = [f"`{name}`"] + [cell(results, f"bulk_{n}", name, gbit) for n in s["bulk_streams"]]
         row.append(
             "-"
@@ -350,11 +370,11 @@ def write_markdown(results: dict[str, Any], md: Path, img_rel: str, plots: list[
             )
         )
         row.append(cell(results, "bulk_1", name, lambda r: r["cpu_s_per_gb"]["system"], 2))
-        row.append(
-            cell(results, "bulk_1_xcpu", name, gbit) if results.get("data", {}).get("bulk_1_xcpu") else "n/a"
-        )
+        xcpu = results.get("data", {}).get("bulk_1_xcpu", {})
+        row.append(cell(results, "bulk_1_xcpu", name, gbit) if name in xcpu else "n/a")
         rows.append(row)
     L += table(header, rows)
+    L += _kernel_only_note(results)
 
     # rate
     L += [
@@ -649,8 +669,11 @@ def bounds_section(results: dict[str, Any]) -> list[str]:
                     f"{tc.get('user_us', 0):.1f} µs (trio loop) and {ha.get('user_us', 0):.1f} µs (HAProxy, "
                     "whose default 16 KiB buffers cost it more syscalls and kernel time instead)."
                 )
-        elif a == "sp-spliced" and prof.get("sp-spliced"):
-            text += _spliced_bounds(results, key, prof)
+        elif a == "sp-spliced" and (prof.get("sp-spliced") or key.startswith("bulk")):
+            if key.startswith("bulk"):
+                text += _kernel_only_bound(results, t["limit"], prof)
+            if prof.get("sp-spliced"):
+                text += _spliced_bounds(results, key, prof)
         elif key == "rate":
             text += (
                 "The plain listener also pays one run of the SK_LOOKUP program (no binding matched); "
@@ -658,6 +681,189 @@ def bounds_section(results: dict[str, Any]) -> list[str]:
             )
         L.append(text)
     return L
+
+
+def _kernel_share(counters: dict[str, Any]) -> float | None:
+    """Share of the bytes a spliced candidate carried that the kernel moved (None: no counters)."""
+    k = counters.get("splice", {}).get("bytes_spliced")
+    if k is None:
+        return None
+    total = k + counters.get("bytes_from_client", 0)
+    return k / total if total else None
+
+
+def _kernel_only_note(results: dict[str, Any]) -> list[str]:
+    """Under the bulk table: the kernel-only candidate's byte split and memory (or why it is missing)."""
+    why = unavailable(results, KERNEL_ONLY)
+    if why is not None:
+        return (
+            ["", f"`{KERNEL_ONLY}`: not available: {why}."]
+            if KERNEL_ONLY in results.get("candidates", {})
+            else []
+        )
+    if KERNEL_ONLY not in bulk_names(results):
+        return []
+    text = f"`{KERNEL_ONLY}` (bulk only, throttling disabled): "
+    counters = results.get("splice_counters_kernel", {})
+    share = _kernel_share(counters)
+    if share is not None:
+        sp = counters["splice"]
+        text += (
+            f"at the end of the run {sp.get('spliced', 0)} connections had been spliced, "
+            f"{sp.get('fallbacks', 0)} fell back to userspace; the kernel moved "
+            f"{sp.get('bytes_spliced', 0) / 1e9:.2f} GB and the proxy process relayed "
+            f"{counters.get('bytes_from_client', 0) / 1e9:.2f} GB ({100 * share:.1f}% in the "
+            "kernel). "
+        )
+    else:
+        text += "no splice counters were collected (see the run log). "
+    drops = [
+        r["mem_available_drop_kib"] / 1024
+        for k in results["settings"]["bulk_streams"]
+        for r in results.get("data", {}).get(f"bulk_{k}", {}).get(KERNEL_ONLY, [])
+        if "mem_available_drop_kib" in r
+    ]
+    if drops:
+        text += (
+            "With no bound on its redirect backlog, `MemAvailable` (machine-wide, sampled every 20 ms) fell "
+            f"by at most {max(drops):.0f} MiB during one of its bulk runs (median "
+            f"{statistics.median(drops):.0f} MiB); the load generator's sink reads at full speed, a slow "
+            "reader would let it grow without limit."
+        )
+    secs = [
+        r["seconds"]
+        for k in results["settings"]["bulk_streams"]
+        for r in results.get("data", {}).get(f"bulk_{k}", {}).get(KERNEL_ONLY, [])
+        if "seconds" in r
+    ]
+    send = results["settings"].get("bulk_duration")
+    if secs and send:
+        text += (
+            f" Its bulk runs took {min(secs):.2f} to {max(secs):.2f} s for a {send:g} s send phase: after "
+            "the sender stopped, the kernel was still draining that "
+            "backlog. Its Gbit/s are bytes delivered over the whole time."
+        )
+    return ["", text.rstrip()]
+
+
+def _kernel_only_bound(results: dict[str, Any], limit: float, prof: dict[str, Any]) -> str:
+    """The measured bound of spliced bulk: the kernel redirect alone (never throttled) against the Python
+    relay and HAProxy, per stream count, with its CPU per GB and psock backlog worker profile."""
+    streams = results["settings"]["bulk_streams"]
+    if unavailable(results, KERNEL_ONLY) is not None or KERNEL_ONLY not in bulk_names(results):
+        why = unavailable(results, KERNEL_ONLY) or "not measured in this run"
+        return f"The kernel-only bound (`{KERNEL_ONLY}`) was not measured: {why}. "
+    share = _kernel_share(results.get("splice_counters_kernel", {}))
+    parts, below, slower = [], [], []
+    for n in streams:
+        key = f"bulk_{n}"
+        k, u, sp, h = (
+            _median(results, key, c, gbit) for c in (KERNEL_ONLY, "sp-userspace", "sp-spliced", "haproxy")
+        )
+        ratios = per_round_ratio(results, key, KERNEL_ONLY, "haproxy", gbit)
+        r = statistics.median(ratios) if ratios else (k / h if h else 0.0)
+        parts.append(
+            f"{n} stream(s): {k:.2f} Gbit/s kernel-only ({r:.2f}x HAProxy), Python relay (`sp-userspace`) "
+            f"{u:.2f}, `sp-spliced` {sp:.2f}, HAProxy {h:.2f}"
+        )
+        if r < limit:
+            below.append(n)
+        if u and k < u:
+            slower.append(n)
+    text = (
+        f"Measured bound: with throttling disabled (`{KERNEL_ONLY}`"
+        + (f", {100 * share:.0f}% of its bytes moved by the kernel" if share is not None else "")
+        + "), medians over the rounds: "
+        + "; ".join(parts)
+        + ". "
+    )
+    if len(below) == len(streams):
+        text += (
+            f"So even with every byte kept in the kernel the {limit}x target is out of reach here: the "
+            "kernel redirect path itself (SK_SKB verdict, then the psock backlog worker `sk_psock_backlog` "
+            "transmitting on the target socket) bounds spliced bulk throughput, not the throttle or the "
+            "Python relay. "
+        )
+    elif below:
+        text += (
+            f"The kernel redirect alone stays below {limit}x HAProxy with "
+            + ", ".join(str(n) for n in below)
+            + " stream(s) and reaches it otherwise. "
+        )
+    else:
+        text += (
+            f"The kernel redirect alone reaches {limit}x HAProxy: what bounds `sp-spliced` is the throttle "
+            "that hands connections back to userspace, not the redirect. "
+        )
+    if slower:
+        text += (
+            "With "
+            + ", ".join(str(n) for n in slower)
+            + " stream(s) the kernel-only path is slower than relaying every byte through Python, so "
+            "throttling back to userspace costs no throughput on this machine. "
+        )
+    cpu = {
+        c: _median(results, "bulk_1", c, lambda r: r["cpu_s_per_gb"]["system"])
+        for c in (KERNEL_ONLY, "sp-spliced", "sp-userspace", "haproxy")
+    }
+    text += (
+        f"Machine CPU per GB (1 stream): kernel-only {cpu[KERNEL_ONLY]:.2f} s, `sp-spliced` "
+        f"{cpu['sp-spliced']:.2f}, `sp-userspace` {cpu['sp-userspace']:.2f}, HAProxy {cpu['haproxy']:.2f}. "
+    )
+    e = prof.get(KERNEL_ONLY, {}).get("bulk_1", {})
+    if e:
+        sysw = e.get("system_per_unit", {})
+        text += (
+            f"Profile of `{KERNEL_ONLY}` under 1-stream bulk, per {e.get('unit', '64 KiB')}: "
+            f"{sysw.get('machine_cpu_us', 0):.1f} µs of machine CPU, "
+            f"{sysw.get('workqueue_execute_start', 0):.2f} kworker items, "
+            f"{sysw.get('sched_switch', 0):.2f} context switches. "
+        )
+        threads = dict(e.get("by_thread", []))
+        if e.get("kernel_top"):
+            text += (
+                "Busy samples by thread: "
+                + ", ".join(f"{c} {p:.0f}%" for c, p in e.get("by_thread", [])[:4])
+                + "; hottest symbols (all CPUs): "
+                + ", ".join(f"`{sym}` {pct:.0f}%" for sym, pct in e["kernel_top"][:4])
+                + ". "
+            )
+        pb = e.get("psock_backlog")
+        if pb:
+            text += f"Its redirect worker (`sk_psock_backlog`): {_backlog(pb, e)} "
+            queued = pb.get("queued_by", {})
+            timer = sum(v for k, v in queued.items() if k.startswith("timer"))
+            total = sum(queued.values())
+            runs = pb.get("runs_per_unit", 0.0)
+            if runs:
+                text += f"That is about {65536 / runs / 2**20:.2f} MiB transmitted per run. "
+            drops = [
+                r["mem_available_drop_kib"] / 1024
+                for r in results.get("data", {}).get("bulk_1", {}).get(KERNEL_ONLY, [])
+                if "mem_available_drop_kib" in r
+            ]
+            if drops and max(drops) >= 64:
+                # The backlog grew: the sender outpaced the transmit, so the transmit side is the limit.
+                text += (
+                    f"`MemAvailable` fell by up to {max(drops):.0f} MiB in its 1-stream runs: the unsent "
+                    "redirect backlog grew, so the sender outpaced the transmit and the limit is the "
+                    "transmit, which runs in that worker; yet kworkers hold only "
+                    f"{threads.get('kworker', 0):.0f}% of the busy samples: the worker waits more than it "
+                    "works. The bound is how often and how long the worker runs, not a copy or a syscall "
+                    f"in the proxy process ({e.get('per_unit', {}).get('cpu_us', 0):.1f} µs of its CPU per "
+                    f"{e.get('unit', '64 KiB')}). {timer} of {total} runs were queued by the retry timer "
+                    "(target's send buffer full: re-queued one jiffy later), the rest by the sender; how "
+                    "much of the wait is for the CPU the worker shares with client and server is not "
+                    "measured. "
+                )
+            elif "kworker" in threads:
+                text += (
+                    f"kworkers hold {threads['kworker']:.0f}% of the busy samples: the redirect's transmit "
+                    "runs in one kworker per socket, serialised behind its wakeups. "
+                )
+    elif not prof:
+        text += "(No profile in this run: the profile phase runs in full mode or with `--profile`.) "
+    return text
 
 
 def _spliced_bounds(results: dict[str, Any], key: str, prof: dict[str, Any]) -> str:
@@ -797,6 +1003,7 @@ def write_plots(results: dict[str, Any], img: Path) -> list[str]:
     s = results["settings"]
     data = results.get("data", {})
     names = [n for n in DATA_PATH if unavailable(results, n) is None]
+    bulk = [n for n in bulk_names(results) if unavailable(results, n) is None]
     written: list[str] = []
 
     def bars(
@@ -854,19 +1061,19 @@ def write_plots(results: dict[str, Any], img: Path) -> list[str]:
     # bulk + CPU/GB
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     vals = {
-        f"{k} stream(s)": [series(results, f"bulk_{k}", n, gbit) for n in names] for k in s["bulk_streams"]
+        f"{k} stream(s)": [series(results, f"bulk_{k}", n, gbit) for n in bulk] for k in s["bulk_streams"]
     }
-    bars(ax1, names, vals, "Gbit/s", "bulk throughput")
+    bars(ax1, bulk, vals, "Gbit/s", "bulk throughput")
     cpu = {
-        "proxy": [series(results, "bulk_1", n, lambda r: r["cpu_s_per_gb"].get("proxy", 0.0)) for n in names],
+        "proxy": [series(results, "bulk_1", n, lambda r: r["cpu_s_per_gb"].get("proxy", 0.0)) for n in bulk],
         "client+server+proxy": [
             series(
                 results, "bulk_1", n, lambda r: sum(v for k, v in r["cpu_s_per_gb"].items() if k != "system")
             )
-            for n in names
+            for n in bulk
         ],
     }
-    bars(ax2, names, cpu, "CPU seconds per GB", "CPU per GB moved (1 stream)")
+    bars(ax2, bulk, cpu, "CPU seconds per GB", "CPU per GB moved (1 stream)")
     fig.tight_layout()
     fig.savefig(img / "bench-bulk.png", dpi=90)
     plt.close(fig)

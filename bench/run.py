@@ -9,7 +9,10 @@ What happens:
 2. Phase A starts the upstream server (``server.py``) and the candidates -- HAProxy (tcp mode), the trio
    copy loop (``copyproxy.py``), the sockpolicy userspace and spliced paths (``spproxy.py``), the latter
    only if a functional probe shows that ``Pass(splice=True)`` really splices -- and measures RTT, bulk
-   throughput, connection rate, CPU per GB and idle RSS, candidates interleaved in every round.
+   throughput, connection rate, CPU per GB and idle RSS, candidates interleaved in every round.  A
+   second spliced proxy, ``sp-spliced-kernel``, has throttle bounds so large that it never hands a
+   connection back to userspace; it runs in the bulk measurements only, to show what the kernel redirect
+   alone moves (the bound of spliced bulk throughput), with the largest ``MemAvailable`` drop meanwhile.
 3. Phase B measures the dispatcher alone: install time/memory of ``--ports 1-65535`` for N prefixes and
    the SK_LOOKUP program's run time per lookup (kernel BPF run-time statistics) with many bindings.
 4. Optionally (full mode) a profile of the sockpolicy userspace path: syscalls per request (perf
@@ -45,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,10 +72,18 @@ HAPROXY_PORT = 11000
 COPY_PORT = 12000
 SP_USER_BIND = 13000  # where the sockpolicy listeners are bound; clients dial the steered ranges below
 SP_SPLICE_BIND = 14000
+SP_KERNEL_BIND = 15000
 STEER_DIRECT = (20000, 20999)  # steered straight to the server's listener
 STEER_USER = (21000, 21999)
 STEER_SPLICE = (22000, 22999)
 STEER_LOOKUP = (23000, 23999)  # phase B
+STEER_KERNEL = (24000, 24999)
+
+# sp-spliced-kernel: the spliced proxy with throttle bounds so large that no connection in a measurement
+# (a few GB at most) is ever handed back to userspace, so its bulk numbers are the kernel redirect alone.
+# Not a production setting: without a throttle the kernel backlog is unbounded (docs/splice.md).
+KERNEL_BACKLOG_HIGH = 1 << 30
+KERNEL_BACKLOG_LOW = 512 << 20
 
 log = logging.getLogger("bench")
 
@@ -180,6 +192,40 @@ def proc_rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def mem_available_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+class MemWatch:
+    """Samples ``MemAvailable`` every 20 ms in a thread while the block runs; ``drop_kib`` is the largest
+    fall below the value at entry.  Machine-wide, so anything else allocating counts too; the redirect
+    backlog is charged to no socket (docs/splice.md), so this is the cheap place it shows."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.drop_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.drop_kib = max(self.drop_kib, self._start - mem_available_kib())
+
+    def __enter__(self) -> MemWatch:
+        self._start = mem_available_kib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.drop_kib = max(self.drop_kib, self._start - mem_available_kib())
 
 
 def system_busy_s() -> float:
@@ -497,6 +543,7 @@ class PhaseA:
             "server": STEER_DIRECT,
             "userspace": STEER_USER,
             "spliced": STEER_SPLICE,
+            "spliced-kernel": STEER_KERNEL,
         }
         dispatcher.add_bindings(Binding("tcp", f"{HOST}/32", rng, label) for label, rng in bindings.items())
         dispatcher.register_socket("server", server_sock)
@@ -540,26 +587,40 @@ class PhaseA:
         self.candidates["trio-copy"] = Candidate("trio-copy", COPY_PORT, proc)
 
         splice: dict[str, Any] = {}
-        for mode, bind_port, steer in (
-            ("userspace", SP_USER_BIND, STEER_USER),
-            ("spliced", SP_SPLICE_BIND, STEER_SPLICE),
+        unbounded = ["--backlog-high", str(KERNEL_BACKLOG_HIGH), "--backlog-low", str(KERNEL_BACKLOG_LOW)]
+        for label, mode, bind_port, steer, extra in (
+            ("userspace", "userspace", SP_USER_BIND, STEER_USER, []),
+            ("spliced", "spliced", SP_SPLICE_BIND, STEER_SPLICE, []),
+            ("spliced-kernel", "spliced", SP_KERNEL_BIND, STEER_KERNEL, unbounded),
         ):
-            name = f"sp-{mode}"
+            name = f"sp-{label}"
+            if label == "spliced-kernel" and not (
+                self.settings.measures(name)
+                and any(self.settings.wants(f"bulk_{n}") for n in self.settings.bulk_streams)
+            ):
+                # bulk-only: not worth a process (and a probe) when no bulk measurement runs
+                self.candidates[name] = Candidate(
+                    name,
+                    steer[0],
+                    available=False,
+                    reason="not selected (bulk-only; no bulk measurement in this run)",
+                )
+                continue
             # The proxy makes and registers its own listener: with splicing, only sockets created
             # after the Splicer moved the process into its cgroup are enrolled.
             argv = [PY, str(BENCH / "spproxy.py"), "--mode", mode, "--bind", str(bind_port)]
-            argv += ["--bpffs-root", str(dispatcher.path.parent), "--label", mode]
-            argv += ["--upstream", f"{HOST}:{SERVER_PORT}"]
+            argv += ["--bpffs-root", str(dispatcher.path.parent), "--label", label]
+            argv += ["--upstream", f"{HOST}:{SERVER_PORT}", *extra]
             proc = env.spawn(argv, "proxy")
             wait_line(proc, "ready", 30)
             self.candidates[name] = Candidate(name, steer[0], proc)
             if mode == "spliced":
-                splice = probe_splice(proc, steer[0])
-                if not splice["available"]:
+                probe = probe_splice(proc, steer[0])
+                if label == "spliced":
+                    splice = probe
+                if not probe["available"]:
                     env.stop(proc)
-                    self.candidates[name] = Candidate(
-                        name, steer[0], available=False, reason=splice["reason"]
-                    )
+                    self.candidates[name] = Candidate(name, steer[0], available=False, reason=probe["reason"])
         # Every candidate must answer before anything is measured.
         for cand in self.candidates.values():
             if cand.available:
@@ -574,10 +635,12 @@ class PhaseA:
                         "warmup": 5,
                     },
                 )
-        return {
+        out: dict[str, Any] = {
             name: {"available": c.available, "reason": c.reason, "port": c.port}
             for name, c in self.candidates.items()
-        } | {"_splice_probe": splice}
+        }
+        out["sp-spliced-kernel"] |= {"backlog_high": KERNEL_BACKLOG_HIGH, "backlog_low": KERNEL_BACKLOG_LOW}
+        return out | {"_splice_probe": splice}
 
     def stop(self) -> None:
         for cand in self.candidates.values():
@@ -596,8 +659,10 @@ class PhaseA:
         out: list[tuple[str, list[str], Callable[[Candidate], dict[str, Any]]]] = []
         for size in s.rtt_sizes:
             out.append((f"rtt_{size}", data_path, functools.partial(self.rtt, size=size)))
+        # sp-spliced-kernel only here: it exists to show what the kernel redirect alone moves in bulk.
+        bulk_path = [*data_path, "sp-spliced-kernel"]
         for streams in s.bulk_streams:
-            out.append((f"bulk_{streams}", data_path, functools.partial(self.bulk, streams=streams)))
+            out.append((f"bulk_{streams}", bulk_path, functools.partial(self.bulk, streams=streams)))
         rate_path = ["direct", "direct-steered", "haproxy", "trio-copy", "sp-userspace", "sp-spliced"]
         out.append(("rate", rate_path, self.rate))
         # The same RTT and bulk loads with the proxy (for "direct": the server) moved to the other CPU: on a
@@ -641,7 +706,13 @@ class PhaseA:
             "streams": streams,
             "duration": self.settings.bulk_duration,
         }
-        result = self._with_cpu(cand, spec)
+        if cand.name == "sp-spliced-kernel":
+            # Nothing bounds this candidate's redirect backlog: record how far MemAvailable fell meanwhile.
+            with MemWatch() as mem:
+                result = self._with_cpu(cand, spec)
+            result["mem_available_drop_kib"] = mem.drop_kib
+        else:
+            result = self._with_cpu(cand, spec)
         gb = result["bytes"] / 1e9
         result["cpu_s_per_gb"] = {k: v / gb for k, v in result["cpu_s"].items()}
         return result
@@ -731,13 +802,17 @@ def run_phase_a(env: Env, settings: Settings, results: dict[str, Any], say: Call
             for name in idle_names:
                 data["idle"][name].append(_attempt(phase.idle, phase.candidates[name], f"idle {name}", say))
             say(f"idle round {rnd + 1}/{settings.idle_rounds}: " + _brief("idle", data["idle"]))
-        spliced = phase.candidates.get("sp-spliced")
-        if spliced is not None and spliced.available and spliced.proc is not None:
-            # How much of everything the spliced candidate carried the kernel moved, and how much Python did.
-            with contextlib.suppress(OSError, TimeoutError, RuntimeError, ValueError):
-                time.sleep(0.5)  # bytes_spliced is summed when connections close
-                spliced.proc.send_signal(signal.SIGUSR1)
-                results["splice_counters"] = json.loads(_read_line(spliced.proc, 10))
+        for name, where in (
+            ("sp-spliced", "splice_counters"),
+            ("sp-spliced-kernel", "splice_counters_kernel"),
+        ):
+            spliced = phase.candidates.get(name)
+            if spliced is not None and spliced.available and spliced.proc is not None:
+                # How much of everything the candidate carried the kernel moved, and how much Python did.
+                with contextlib.suppress(OSError, TimeoutError, RuntimeError, ValueError):
+                    time.sleep(0.5)  # bytes_spliced is summed when connections close
+                    spliced.proc.send_signal(signal.SIGUSR1)
+                    results[where] = json.loads(_read_line(spliced.proc, 10))
         if settings.profile_duration > 0:
             results["profile"] = profile_paths(env, phase, settings.profile_duration, say)
     finally:
@@ -786,7 +861,7 @@ SYSCALLS = (
 
 
 SYSTEM_EVENTS = ("workqueue:workqueue_execute_start", "sched:sched_switch", "sched:sched_wakeup")
-KERNEL_PROFILED = ("direct", "haproxy", "sp-spliced")
+KERNEL_PROFILED = ("direct", "haproxy", "sp-spliced", "sp-spliced-kernel")
 
 
 def _find_pyspy() -> str | None:
@@ -801,13 +876,14 @@ def profile_paths(env: Env, phase: PhaseA, duration: float, say: Callable[[str],
       its user/kernel split; py-spy's hottest functions for the Python proxies;
     * the whole machine: busy CPU (/proc/stat), workqueue items run (kworkers), context switches and
       wakeups (perf -a tracepoints);
-    * for direct, HAProxy and the spliced path: the hottest kernel symbols and which threads ran them
-      (perf record -a, cpu-clock sampling: hardware counters are not available in this VM).
+    * for direct, HAProxy and the spliced paths (sp-spliced-kernel: bulk only): the hottest kernel
+      symbols and which threads ran them (perf record -a, cpu-clock sampling: hardware counters are not
+      available in this VM), and for the spliced paths how the psock backlog worker ran.
     """
     out: dict[str, Any] = {}
     perf = shutil.which("perf")
     pyspy = _find_pyspy()
-    for name in ("sp-userspace", "sp-spliced", "trio-copy", "haproxy", "direct"):
+    for name in ("sp-userspace", "sp-spliced", "sp-spliced-kernel", "trio-copy", "haproxy", "direct"):
         cand = phase.candidates.get(name)
         if cand is None or not cand.available or not phase.settings.measures(name):
             continue
@@ -815,6 +891,8 @@ def profile_paths(env: Env, phase: PhaseA, duration: float, say: Callable[[str],
             ("rtt_64", {"mode": "rtt", "host": HOST, "port": cand.port, "size": 64, "duration": duration}),
             ("bulk_1", {"mode": "bulk", "host": HOST, "port": cand.port, "streams": 1, "duration": duration}),
         ):
+            if name == "sp-spliced-kernel" and load != "bulk_1":
+                continue  # a bulk-only candidate
             entry = _profile_one(env, cand, name, load, spec, duration, perf, pyspy)
             out.setdefault(name, {})[load] = entry
             say(f"profile {name} {load}: " + ", ".join(f"{k}={v:.1f}" for k, v in entry["per_unit"].items()))
@@ -846,7 +924,7 @@ def _profile_one(
     if perf and name in KERNEL_PROFILED:
         argv = [perf, "record", "-q", "-a", "-e", "cpu-clock", "-F", "1999", "-o", str(files["record"])]
         tools.append(env.spawn([*argv, "--", "sleep", span], "server", **quiet))
-    if perf and name == "sp-spliced":
+    if perf and name.startswith("sp-spliced"):
         wq = ["workqueue:workqueue_queue_work", "workqueue:workqueue_execute_start"]
         argv = [perf, "record", "-q", "-a", "-e", ",".join(wq), "-o", str(env.tmp / f"wq-{name}-{load}")]
         tools.append(env.spawn([*argv, "--", "sleep", span], "server", **quiet))

@@ -3,6 +3,8 @@
 ``--mode userspace``  an ``on_message`` callback that passes every message: every byte crosses Python.
 ``--mode spliced``    ``on_connect`` returns ``Pass(splice=True)`` and serve() gets an open ``Splicer``: the
                       connection is handed to the kernel (SOCKHASH + SK_SKB redirect).
+                      ``--backlog-high``/``--backlog-low`` override the Splicer's throttle bounds (run.py's
+                      ``sp-spliced-kernel`` sets them so high that the kernel never hands a connection back).
 
 The process creates its own listening socket (after opening the Splicer: accepted sockets belong to their
 listener's cgroup, and only sockets in the Splicer's cgroup are enrolled) and registers it with the
@@ -63,16 +65,23 @@ class _Notes(logging.Handler):
             self.lines.append(message)
 
 
-def open_splicer() -> tuple[Any, str]:
-    """(an open Splicer, "") or (None, why not)."""
+def open_splicer(backlog_high: int | None = None, backlog_low: int | None = None) -> tuple[Any, str]:
+    """(an open Splicer, "") or (None, why not).
+
+    :param backlog_high: ``Splicer.open(backlog_high=...)``; None: the library's default.
+    :param backlog_low: ``Splicer.open(backlog_low=...)``; None: the library's default.
+    """
     try:
         from sockpolicy.proxy import Splicer  # type: ignore[attr-defined]
     except ImportError:
         return None, "sockpolicy.proxy has no Splicer"
     if "splice" not in inspect.signature(serve).parameters:
         return None, "serve() takes no splice= argument"
+    bounds = {
+        k: v for k, v in (("backlog_high", backlog_high), ("backlog_low", backlog_low)) if v is not None
+    }
     try:
-        return Splicer.open(), ""
+        return Splicer.open(**bounds), ""
     except Exception as exc:  # SpliceUnavailable names the missing feature
         return None, f"Splicer.open() failed: {exc}"
 
@@ -142,11 +151,19 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="dispatcher label to register the listener under")
     parser.add_argument("--upstream", required=True, help="HOST:PORT")
     parser.add_argument("--mode", choices=("userspace", "spliced"), required=True)
+    parser.add_argument(
+        "--backlog-high", type=int, help="spliced: Splicer backlog_high, bytes (default: library's)"
+    )
+    parser.add_argument(
+        "--backlog-low", type=int, help="spliced: Splicer backlog_low, bytes (default: library's)"
+    )
     args = parser.parse_args()
     # serve() logs every connection at INFO; at thousands of connections/s that logging would be the
     # benchmark.
     logging.basicConfig(level=logging.WARNING)
-    splicer, splice_note = open_splicer() if args.mode == "spliced" else (None, "")
+    splicer, splice_note = (
+        open_splicer(args.backlog_high, args.backlog_low) if args.mode == "spliced" else (None, "")
+    )
     try:
         sock = make_listener(args.bind, args.bpffs_root, args.label)
         try:

@@ -42,7 +42,18 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # the spliced path is either measured or explains why not
     spliced = results["candidates"]["sp-spliced"]
     assert spliced["available"] or spliced["reason"]
+    # the kernel-only spliced candidate: bulk only, measured or explained, with its byte split and memory
+    kernel = results["candidates"]["sp-spliced-kernel"]
+    assert kernel["available"] or kernel["reason"]
+    assert all("sp-spliced-kernel" not in data[k] for k in ("rtt_64", "rate", "idle", "bulk_1_xcpu"))
+    if kernel["available"]:
+        assert "mem_available_drop_kib" in data["bulk_1"]["sp-spliced-kernel"][0]
+        assert results["splice_counters_kernel"]["splice"]["spliced"] > 0
     text = md.read_text()
+    if kernel["available"]:
+        assert "| `sp-spliced-kernel` |" in text  # its bulk row
+        if "- **spliced bulk, 1 stream(s) / HAProxy**" in text:  # a missed target states the measured bound
+            assert "Measured bound: with throttling disabled (`sp-spliced-kernel`" in text
     assert "## Targets" in text and ("not available" in text or "sp-spliced" in data["rtt_64"])
     assert sorted(p.name for p in img.glob("bench-*.png")) == [
         "bench-bulk.png", "bench-rate-idle.png", "bench-rtt-cdf.png", "bench-rtt.png",
