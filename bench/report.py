@@ -763,7 +763,7 @@ def _kernel_only_bound(results: dict[str, Any], limit: float, prof: dict[str, An
         ratios = per_round_ratio(results, key, KERNEL_ONLY, "haproxy", gbit)
         r = statistics.median(ratios) if ratios else (k / h if h else 0.0)
         parts.append(
-            f"{n} stream(s): {k:.2f} Gbit/s kernel-only ({r:.2f}x HAProxy), Python relay (`sp-userspace`) "
+            f"{n} stream(s): {k:.2f} Gbit/s kernel-only ({r:.3f}x HAProxy), Python relay (`sp-userspace`) "
             f"{u:.2f}, `sp-spliced` {sp:.2f}, HAProxy {h:.2f}"
         )
         if r < limit:
