@@ -31,15 +31,6 @@ from sockpolicy._rules import Enforcer, Framing, Rule, RuleSet, format_label, so
 pytestmark = pytest.mark.privileged
 
 
-@pytest.fixture
-def enforcer() -> Iterator[Enforcer]:
-    e = Enforcer.create()
-    try:
-        yield e
-    finally:
-        e.close()
-
-
 class Pairs:
     """Connected TCP pairs made inside a namespace; every socket is closed by the fixture."""
 

@@ -34,6 +34,7 @@ from test_splice import (
     exchange,
     pattern,
     proxy_process,
+    upstream_resets_spliced,
 )
 
 pytestmark = pytest.mark.privileged
@@ -148,20 +149,7 @@ async def test_v6_client_rst_and_upstream_rst(netns: NetNS) -> None:
         async with proxy_process(netns, up, "--policy", "connect", "--listen", "::1") as px:
             with trio.fail_after(TIMEOUT):
                 [sock] = sockets_in(netns, socket.AF_INET6, 1)
-                with sock:
-                    await sock.connect(("::1", px.port))
-                    server, _ = await listener.accept()
-                    with server:
-                        payload = pattern(30, 1, 0, 1_000_000)
-                        await server.send(payload[:200_000])
-                        got = b""
-                        while len(got) < 200_000:
-                            got += await sock.recv(65536)
-                        assert got == payload[:200_000]
-                        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-                    with pytest.raises(ConnectionResetError):
-                        while await sock.recv(65536):
-                            pass
+                await upstream_resets_spliced(sock, listener, ("::1", px.port))
                 stats = await px.wait_idle()
     assert_clean(stats)
     assert stats["splicer"]["spliced"] == 1

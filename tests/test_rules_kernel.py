@@ -31,15 +31,6 @@ def pattern(n: int, seed: int = 0) -> bytes:
 
 
 @pytest.fixture
-def enforcer() -> Iterator[Enforcer]:
-    e = Enforcer.create()
-    try:
-        yield e
-    finally:
-        e.close()
-
-
-@pytest.fixture
 def pairs() -> Iterator[list[socket.socket]]:
     """Collects sockets made by connect_pair() so that each test closes them."""
     made: list[socket.socket] = []

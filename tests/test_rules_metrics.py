@@ -8,7 +8,6 @@ import errno
 import os
 import socket
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,15 +148,6 @@ def test_e2e_serve_metrics_count_kernel_rules_across_replacements(netns: NetNS, 
             s.close()
         sockpolicy(netns, "enforce", "--unload")
         assert stop(proc) == 0, log_of(proc)
-
-
-@pytest.fixture
-def enforcer() -> Iterator[Enforcer]:
-    e = Enforcer.create()
-    try:
-        yield e
-    finally:
-        e.close()
 
 
 def test_collector_totals_rename_unnamed_and_verdict_change(netns: NetNS, enforcer: Enforcer) -> None:

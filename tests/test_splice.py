@@ -603,6 +603,27 @@ async def test_half_close_and_client_rst(netns: NetNS) -> None:
     assert_clean(stats)
 
 
+async def upstream_resets_spliced(
+    sock: trio.socket.SocketType, listener: trio.socket.SocketType, addr: tuple[Any, ...]
+) -> None:
+    """Connect ``sock`` through the proxy at ``addr``, receive 200 kB byte-exact from the upstream
+    accepted on ``listener``, then reset the upstream: the client must see ECONNRESET."""
+    with sock:
+        await sock.connect(addr)
+        server, _ = await listener.accept()
+        with server:
+            payload = pattern(30, 1, 0, 1_000_000)
+            await server.send(payload[:200_000])
+            got = b""
+            while len(got) < 200_000:
+                got += await sock.recv(65536)
+            assert got == payload[:200_000]
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        with pytest.raises(ConnectionResetError):
+            while await sock.recv(65536):
+                pass
+
+
 async def test_rst_from_upstream(netns: NetNS) -> None:
     lsock = netns.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -613,20 +634,7 @@ async def test_rst_from_upstream(netns: NetNS) -> None:
         async with proxy_process(netns, up, "--policy", "connect") as px:
             with trio.fail_after(TIMEOUT):
                 [sock] = client_sockets(netns, 1)
-                with sock:
-                    await sock.connect(px.addr)
-                    server, _ = await listener.accept()
-                    with server:
-                        payload = pattern(30, 1, 0, 1_000_000)
-                        await server.send(payload[:200_000])
-                        got = b""
-                        while len(got) < 200_000:
-                            got += await sock.recv(65536)
-                        assert got == payload[:200_000]
-                        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-                    with pytest.raises(ConnectionResetError):
-                        while await sock.recv(65536):
-                            pass
+                await upstream_resets_spliced(sock, listener, px.addr)
                 stats = await px.wait_idle()
     assert_clean(stats)
     assert stats["splicer"]["spliced"] == 1
