@@ -10,15 +10,12 @@ receiver (helpers of test_splice.py), and every case ends with no map entry and 
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -29,39 +26,15 @@ from test_splice import (
     MAGIC,
     TIMEOUT,
     Upstream,
-    _serve_upstream,
     assert_clean,
     exchange,
     pattern,
     proxy_process,
     upstream_resets_spliced,
+    upstream_server,
 )
 
 pytestmark = pytest.mark.privileged
-
-
-@contextlib.asynccontextmanager
-async def upstream_server6(netns: NetNS, host: str = "::1", **kwargs: Any) -> AsyncIterator[Upstream]:
-    """The test_splice upstream (speaks first, checks every byte, answers with a pattern) on IPv6."""
-    lsock = netns.socket(socket.AF_INET6)
-    lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    lsock.bind((host, 0))
-    lsock.listen(4096)
-    listener = trio.socket.from_stdlib_socket(lsock)
-    up = Upstream(listener.getsockname()[:2], **kwargs)
-    async with trio.open_nursery() as nursery:
-
-        async def accept_loop() -> None:
-            while True:
-                sock, _ = await listener.accept()
-                nursery.start_soon(_serve_upstream, up, sock)
-
-        nursery.start_soon(accept_loop)
-        try:
-            yield up
-        finally:
-            nursery.cancel_scope.cancel()
-            listener.close()
 
 
 def sockets_in(netns: NetNS, family: int, count: int) -> list[trio.socket.SocketType]:
@@ -74,7 +47,7 @@ def sockets_in(netns: NetNS, family: int, count: int) -> list[trio.socket.Socket
 async def test_v6_loopback_both_directions_half_close(netns: NetNS) -> None:
     """3 MB each way over ::1, the client half-closes first; then 4 connections with random write sizes."""
     async with (
-        upstream_server6(netns) as up,
+        upstream_server(netns, "::1") as up,
         proxy_process(netns, up, "--policy", "connect", "--listen", "::1") as px,
     ):
         assert px.splice_reason is None, px.stderr()
@@ -100,7 +73,7 @@ async def test_v6_switch_paused_while_both_stream(netns: NetNS) -> None:
     """Splice() from on_message on IPv6, with the switch held open while both sides keep sending."""
     preamble = b"hello\nSPLICE\n"
     async with (
-        upstream_server6(netns) as up,
+        upstream_server(netns, "::1") as up,
         proxy_process(netns, up, "--policy", "message", "--switch-pause", "0.3", "--listen", "::1") as px,
     ):
         addr = ("::1", px.port)
@@ -124,7 +97,7 @@ async def test_v6_switch_paused_while_both_stream(netns: NetNS) -> None:
 async def test_v6_client_rst_and_upstream_rst(netns: NetNS) -> None:
     """A reset on either side of a spliced IPv6 connection reaches the other side as a reset."""
     async with (
-        upstream_server6(netns) as up,
+        upstream_server(netns, "::1") as up,
         proxy_process(netns, up, "--policy", "connect", "--listen", "::1") as px,
     ):
         with trio.fail_after(TIMEOUT):
@@ -160,7 +133,7 @@ async def test_v6_across_veth_with_ula_addresses(veth_pair: VethPair) -> None:
     segmentation rather than loopback's 64 KiB skbs)."""
     client_end, proxy_end = veth_pair.a, veth_pair.b
     async with (
-        upstream_server6(proxy_end.ns) as up,
+        upstream_server(proxy_end.ns, "::1") as up,
         proxy_process(proxy_end.ns, up, "--policy", "connect", "--listen", proxy_end.ip6) as px,
     ):
         assert px.splice_reason is None, px.stderr()
@@ -183,7 +156,7 @@ async def test_dual_stack_listener_splices_v4_mapped_clients(netns: NetNS) -> No
     """A ``::`` listener (IPV6_V6ONLY off): an IPv4 client arrives as ::ffff:127.0.0.1 and is spliced to
     an IPv6 upstream; an IPv6 client on the same listener too."""
     async with (
-        upstream_server6(netns) as up,
+        upstream_server(netns, "::1") as up,
         proxy_process(netns, up, "--policy", "connect", "--listen", "::") as px,
     ):
         with trio.fail_after(TIMEOUT):

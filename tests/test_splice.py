@@ -178,12 +178,17 @@ def _find(exc: BaseException, kinds: type | tuple[type, ...]) -> BaseException |
 
 
 @contextlib.asynccontextmanager
-async def upstream_server(netns: NetNS, **kwargs: Any) -> AsyncIterator[Upstream]:
-    lsock = netns.socket()
-    lsock.bind(("127.0.0.1", 0))
+async def upstream_server(netns: NetNS, host: str = "127.0.0.1", **kwargs: Any) -> AsyncIterator[Upstream]:
+    """The test upstream (speaks first, checks every byte, answers with a pattern) on ``host``; an IPv6
+    ``host`` gets an IPv6-only listener."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lsock = netns.socket(family)
+    if family == socket.AF_INET6:
+        lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    lsock.bind((host, 0))
     lsock.listen(4096)
     listener = trio.socket.from_stdlib_socket(lsock)
-    up = Upstream(listener.getsockname(), **kwargs)
+    up = Upstream(listener.getsockname()[:2], **kwargs)
     async with trio.open_nursery() as nursery:
 
         async def accept_loop() -> None:
