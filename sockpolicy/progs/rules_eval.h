@@ -192,7 +192,6 @@ static __always_inline struct slot_meta *active_slot(__u32 *slot)
 static __always_inline struct rule *judge_skb(struct __sk_buff *skb, __u32 slot, struct slot_meta *meta,
                                               __u32 off, __u32 len)
 {
-
     struct view v = {};
     v.len = len;
     v.lport = skb->local_port;

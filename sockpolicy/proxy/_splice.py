@@ -97,6 +97,7 @@ QUARANTINE = 0.2
 SWEEP_INTERVAL = 0.5
 
 _TCP_INFO_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked)
+_TCP_INFO_BYTES_RECEIVED = 128  # offsetof(struct tcp_info, tcpi_bytes_received)
 _TCP_INFO_LEN = 136
 
 
@@ -188,10 +189,19 @@ def queued_total(sock: socket.socket | trio.socket.SocketType) -> int:
     TCP_INFO is read before SIOCOUTQ, so an ACK arriving in between makes the sum too small, never too
     large: a caller waiting for a target never stops early.
     """
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    (acked,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)
+    acked = _tcp_info_u64(sock, _TCP_INFO_BYTES_ACKED)
     outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     return acked + outq
+
+
+def bytes_received(sock: socket.socket | trio.socket.SocketType) -> int:
+    """Payload bytes TCP has received on ``sock`` (``tcpi_bytes_received``)."""
+    return _tcp_info_u64(sock, _TCP_INFO_BYTES_RECEIVED)
+
+
+def _tcp_info_u64(sock: socket.socket | trio.socket.SocketType, offset: int) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    return int(struct.unpack_from("=Q", info, offset)[0])
 
 
 class SpliceSocket:

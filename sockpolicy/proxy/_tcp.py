@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from ._connection import Connection, Direction, Message, normalize_addr
 from ._context import RECV_SIZE, Context, callback_name, log
 from ._framers import Framer, FramingError, RawFramer
 from ._policy import _MessageRule, run_callback, settle_result
-from ._splice import MODE_SPLICED, AdoptedPair, SpliceSocket, SpliceUnavailable, queued_total
+from ._splice import MODE_SPLICED, AdoptedPair, SpliceSocket, SpliceUnavailable, bytes_received, queued_total
 from ._streams import EchoStream, SockStream, abort_socket
 from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict, verdict_kind
 
@@ -35,8 +34,6 @@ Stream = SockStream | EchoStream
 #: Receive buffer (SO_RCVBUF) of both sockets while a splice is pending.
 SWITCH_RCVBUF = 32768
 SO_RCVBUFFORCE = 33
-_TCP_INFO_BYTES_RECEIVED = 128  # offsetof(struct tcp_info, tcpi_bytes_received)
-_TCP_INFO_LEN = 136
 
 
 def _overcount(slot: SpliceSocket, sock: trio.socket.SocketType) -> str | None:
@@ -52,8 +49,7 @@ def _overcount(slot: SpliceSocket, sock: trio.socket.SocketType) -> str | None:
     if c.broken:
         return f"the kernel could not trim a retransmission ({c.old} old bytes)"
     seen = c.passed + c.redirected + c.dropped + c.diverted
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    (received,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)
+    received = bytes_received(sock)
     if seen > received:
         return f"the verdict handled {seen - received} bytes more than TCP received"
     return None
