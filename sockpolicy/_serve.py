@@ -738,6 +738,13 @@ class Runtime:
             return "no --upstream: the built-in echo service has no socket to splice to"
         return None
 
+    def _splice_cgroup_name(self) -> str:
+        """``<netns inode>-<label>``: the same for every ``serve`` of this label in this namespace, so a
+        successor finds the cgroup its adopted listening sockets were created in."""
+        from ._state import netns_inode
+
+        return f"{netns_inode('/proc/self/ns/net')}-{self.config.label}"
+
     def _open_splicer(self, adopted: Adopted | None) -> Any:
         """``--splice``: open the Splicer (moves this process into its cgroup), or log one line why not.
 
@@ -764,9 +771,8 @@ class Runtime:
                 link = Link(fds.pop(0), description=f"splice SOCK_OPS link of pid {adopted.pid}")
             maps = [Map(fd) for fd in fds]
             pids = [int(pid) for pid in adopted.splice.get("pids", [])]
-        name = f"{os.stat('/proc/self/ns/net').st_ino}-{self.config.label}"
         try:
-            splicer = Splicer.open(name=name, link=link)
+            splicer = Splicer.open(name=self._splice_cgroup_name(), link=link)
         except SpliceUnavailable as exc:
             log.warning("splice: unavailable (%s), serving in userspace: %s", exc.feature, exc)
             if link is not None:
@@ -806,7 +812,7 @@ class Runtime:
             return []
         from .proxy import Splicer, SpliceUnavailable
 
-        base = f"{os.stat('/proc/self/ns/net').st_ino}-{self.config.label}"
+        base = self._splice_cgroup_name()
         splicers: list[Any] = []
         try:
             for index in range(self.config.workers):
