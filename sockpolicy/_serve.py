@@ -960,8 +960,8 @@ class Runtime:
         return {"link": link is not None, "pids": pids}, fds
 
     def _hand_over_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
-        """In the handoff thread, once a splicing successor adopted everything: hand it our fully
-        spliced connections, busy or not (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
+        """In the handoff thread, once a splicing successor adopted everything: hand it our spliced
+        connections, busy or not (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
         if self.trio_token is None or not self._offered:
             return [], []
         metas: list[dict[str, Any]] = []
