@@ -18,6 +18,7 @@ Around them, the operations features (docs/operations.md): the socket handoff of
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -865,7 +866,7 @@ class Runtime:
             client.setblocking(False)
             upstream.setblocking(False)
             splicer.adopted_pairs.append(
-                AdoptedPair(client, upstream, client_slot, upstream_slot, adopted.pid)
+                AdoptedPair(client, upstream, client_slot, upstream_slot, adopted.pid, meta.get("conn"))
             )
             splicer.stats.adopted += 1
         adopted.spliced = []
@@ -959,15 +960,14 @@ class Runtime:
         return {"link": link is not None, "pids": pids}, fds
 
     def _hand_over_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
-        """In the handoff thread, once a splicing successor adopted everything: hand it our fully
-        spliced connections (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
+        """In the handoff thread, once a splicing successor adopted everything: hand it our spliced
+        connections, busy or not (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
         if self.trio_token is None or not self._offered:
             return [], []
         metas: list[dict[str, Any]] = []
         fds: list[int] = []
-        # A spliced connection is handed over only at a quiet moment (hand_over()); one that is not, e.g.
-        # throttled right now, usually is a few milliseconds later: retry for a while.  Whatever is still
-        # not quiet then keeps draining here.
+        # hand_over() keeps a connection back only while its first switch to the kernel is in progress
+        # (usually milliseconds): retry for a while.  Whatever is still kept then drains here.
         deadline = time.monotonic() + HAND_OVER_WINDOW
         while True:
             try:
@@ -978,25 +978,30 @@ class Runtime:
                 break
             if not waiting or time.monotonic() >= deadline:
                 if waiting:
-                    log.info("splice: %d spliced connections were never quiet; they drain here", waiting)
+                    reasons = collections.Counter(waiting)
+                    log.info(
+                        "splice: %d spliced connections could not be handed over (%s); they drain here",
+                        len(waiting),
+                        ", ".join(f"{count} {why}" for why, count in reasons.most_common()),
+                    )
                 break
             time.sleep(0.01)
         self.splicer.stats.handed_over += len(metas)
         return metas, fds
 
-    def _detach_spliced(self, metas: list[dict[str, Any]], fds: list[int]) -> int:
-        """In the trio thread: hand over what is quiet now (appended to ``metas`` and ``fds``); returns
-        how many spliced connections are not quiet yet."""
+    def _detach_spliced(self, metas: list[dict[str, Any]], fds: list[int]) -> list[str]:
+        """In the trio thread: hand over what can go now (appended to ``metas`` and ``fds``); returns
+        why each of the others stays, for now."""
         offered = self._offered
         for splicer in offered:
             splicer.mark_exported()  # the successor holds the maps: keep the verdict attached at exit
-        waiting = 0
+        waiting: list[str] = []
         for session in list(self.splicer.sessions):
             if not session.splicing or session.end is not None or session.client_slot is None:
                 continue  # relayed in userspace, ending, or handed over already
             got = session.hand_over()
             if got is None:
-                waiting += 1
+                waiting.append(session.kept_because)
                 continue
             client_fd, upstream_fd, client, upstream = got
             metas.append(
@@ -1004,6 +1009,8 @@ class Runtime:
                     "splicer": offered.index(client.splicer),
                     "client": [client.cookie, client.slot, client.base],
                     "upstream": [upstream.cookie, upstream.slot, upstream.base],
+                    # A socket that is already closed (both FINs, bytes still held) has no peer name.
+                    "conn": [session.conn.client, session.conn.original_dst, session.conn.upstream],
                 }
             )
             fds += [client_fd, upstream_fd]

@@ -11,7 +11,8 @@ dual-stack: IPv4 clients arrive as v4-mapped addresses) and prints one JSON line
 ``{"port": ..., "splice": null | "reason"}``.  ``--upstream`` takes ``HOST:PORT`` or ``[V6]:PORT``.
 With ``--hold`` it accepts nothing until it reads ``go`` (clients can then send before ``accept()``).
 Commands on stdin, one per line, each answered with one JSON line: ``go``, ``stats``, ``sweep``,
-``quit``.
+``midwrite`` (a restart's hand-over, to this same process, of a connection whose relay is suspended in
+the middle of writing a chunk: :func:`_hand_over_mid_write`), ``quit``.
 
 Policies: ``connect`` -- ``Pass(splice=True)`` from on_connect; ``message`` -- lines are inspected
 (LineFramer) until one reads ``SPLICE``, whose verdict is ``Splice()``; ``down`` -- the same on lines from
@@ -140,6 +141,8 @@ async def _main(args: argparse.Namespace) -> None:
                     _emit({"ok": True})
                 elif line == "stats":
                     _emit(_stats(splicer, handle))
+                elif line == "midwrite" and splicer is not None:
+                    _emit(await _hand_over_mid_write(splicer, nursery))
                 else:
                     _emit({"ok": False, "error": f"unknown command {line!r}"})
             nursery.cancel_scope.cancel()
@@ -147,6 +150,42 @@ async def _main(args: argparse.Namespace) -> None:
         listener.close()
         if splicer is not None:
             splicer.close()
+
+
+async def _hand_over_mid_write(
+    splicer: Splicer, nursery: trio.Nursery, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Wait for a relay suspended in the middle of a write into a spliced socket (part of a peeked chunk
+    written, the rest not), hand its connection over as a restart would, and run it again here as the
+    successor would (:func:`~sockpolicy.proxy._tcp.run_adopted_splice`): the hardest point to resume."""
+    from sockpolicy.proxy._splice import AdoptedPair
+
+    with trio.move_on_after(timeout):
+        while True:
+            for session in list(splicer.sessions):
+                for direction in (Direction.TO_UPSTREAM, Direction.TO_CLIENT):
+                    held, sent = session.unconsumed[direction], session.sent[direction]
+                    if not 0 < sent < held:
+                        continue
+                    got = session.hand_over()
+                    if got is None:
+                        return {"ok": False, "error": f"hand_over refused: {session.kept_because}"}
+                    client_fd, upstream_fd, client_slot, upstream_slot = got
+                    conn = session.conn
+                    pair = AdoptedPair(
+                        socket.socket(fileno=client_fd),
+                        socket.socket(fileno=upstream_fd),
+                        client_slot,
+                        upstream_slot,
+                        os.getpid(),
+                        [list(conn.client), list(conn.original_dst), list(conn.upstream)],
+                    )
+                    pair.client.setblocking(False)
+                    pair.upstream.setblocking(False)
+                    nursery.start_soon(_tcp.run_adopted_splice, session.ctx, pair)
+                    return {"ok": True, "direction": direction.name, "held": held, "sent": sent}
+            await trio.sleep(0.001)
+    return {"ok": False, "error": "no relay was seen in the middle of a write"}
 
 
 def _stats(splicer: Splicer | None, handle: Any) -> dict[str, Any]:

@@ -491,6 +491,32 @@ async def test_slow_reader_bounded_by_throttle(netns: NetNS) -> None:
     assert stats["serve"]["bytes_spliced"] > 0, stats
 
 
+async def test_hand_over_in_the_middle_of_a_write(netns: NetNS) -> None:
+    """A restart's hand-over at the hardest moment: the relay (throttled by a 1 MB/s reader) has written
+    part of a peeked chunk into the upstream socket and waits for room for the rest.  The connection is
+    handed over and resumed in the same process by the successor's code path; every byte arrives once,
+    in order, and everything is freed at the end."""
+    async with (
+        upstream_server(netns, rate=1_000_000) as up,
+        proxy_process(
+            netns, up, "--policy", "connect", "--backlog-high", "262144", "--backlog-low", "65536"
+        ) as px,
+    ):
+        with trio.fail_after(TIMEOUT):
+            [sock] = client_sockets(netns, 1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(exchange, sock, px.addr, 3, 3_000_000, 10)
+                reply = await px.command("midwrite")
+            stats = await px.wait_idle()
+            log = px.stderr()
+    assert "spliced connection adopted from pid" in log, log
+    assert reply["ok"], reply
+    assert 0 < reply["sent"] < reply["held"], reply
+    assert up.errors == [] and up.results == {3: 3_000_000}
+    assert_clean(stats)
+    assert stats["kernel"]["throttled"] >= 1, stats
+
+
 async def test_half_close_while_the_other_direction_drains(netns: NetNS) -> None:
     """The client half-closes while the kernel is still redirecting the reply into its socket.
 

@@ -202,12 +202,13 @@ def test_serve_splice_forced_fallback(
 
 class Stream:
     """A client that streams a pattern through the proxy to the echo upstream, paced, and checks every
-    byte it gets back (both directions move at once).  :meth:`finish` half-closes and reads to EOF."""
+    byte it gets back (both directions move at once).  :meth:`finish` half-closes and reads to EOF.
+    With ``limit``, the writer half-closes by itself after that many bytes."""
 
     CHUNK = 64 << 10
     PERIOD = (4 << 20) + 7  # the pattern repeats with a period that no chunk boundary lines up with
 
-    def __init__(self, sock: socket.socket, seed: int, rate: float = 8e6) -> None:
+    def __init__(self, sock: socket.socket, seed: int, rate: float = 8e6, limit: int | None = None) -> None:
         self.sock = sock
         base = pattern(seed, self.PERIOD)
         self.data = base + base[: self.CHUNK + (1 << 16)]  # byte i of the stream is data[i % PERIOD]
@@ -219,6 +220,8 @@ class Stream:
         self.reading = threading.Event()  # cleared: the reader stops reading (a slow client)
         self.reading.set()
         self._rate = rate
+        self._limit = limit
+        self.write_closed = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._writer = threading.Thread(target=self._write, daemon=True)
         self._reader.start()
@@ -228,9 +231,14 @@ class Stream:
         started = time.monotonic()
         try:
             while not self._stop.is_set():
+                size = self.CHUNK if self._limit is None else min(self.CHUNK, self._limit - self.sent)
+                if not size:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    self.write_closed.set()
+                    return
                 at = self.sent % self.PERIOD
-                self.sock.sendall(self.data[at : at + self.CHUNK])
-                self.sent += self.CHUNK
+                self.sock.sendall(self.data[at : at + size])
+                self.sent += size
                 ahead = self.sent / self._rate - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
@@ -259,7 +267,8 @@ class Stream:
         self._stop.set()
         self._writer.join(30)
         assert self.error is None, self.error
-        self.sock.shutdown(socket.SHUT_WR)
+        if not self.write_closed.is_set():
+            self.sock.shutdown(socket.SHUT_WR)
         self._reader.join(30)
         assert not self._reader.is_alive(), f"no EOF: {self.got} of {self.sent} bytes back"
         assert self.error is None, self.error
@@ -355,6 +364,68 @@ def test_reload_hands_spliced_connections_to_the_successor(
     spliced = r"splice: 1 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace; "
     left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
     assert re.search(spliced + "2 adopted, 0 handed over; " + left, new_text), new_text
+    assert "Traceback" not in old_text + new_text
+
+
+def test_reload_hands_over_throttled_and_half_closed_connections(
+    netns: Any, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """A reload while two clients do not read: the kernel has throttled both connections towards the
+    client, so their relays hold peeked bytes and wait for the client's socket to take them; one client has
+    also half-closed (its EOF already went to the upstream, whose echo is still queued).  Both move to the
+    successor at once (the old process exits long before its 60 s drain) and end byte-exact, the
+    half-closed one with its EOF after the last byte."""
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    args = serve_args(upstream, "--drain-timeout", "60", "--log-level", "debug")
+    old = start(netns, old_log, *args)
+    new = None
+    socks: list[socket.socket] = []
+    try:
+        wait_for("the old serve", lambda: "serving 1 TCP" in old_log.read_text())
+        socks.append(connect(netns))
+        busy = Stream(socks[-1], seed=21)
+        busy.progress(1.0)
+        socks.append(connect(netns))
+        half = Stream(socks[-1], seed=22, rate=2e7, limit=20 << 20)  # then its FIN
+        half.progress(0.5)
+        streams = [busy, half]
+        for stream in streams:
+            stream.reading.clear()  # the echo's bytes pile up towards the clients: the kernel throttles
+        assert half.write_closed.wait(10), "the half-closing client could not send its 20 MiB"
+        time.sleep(2.0)
+        new = start(netns, new_log, *args, command="reload")
+        wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
+        old.wait(timeout=20)  # not the 60 s drain
+        old_text = old_log.read_text()
+        assert "handed 2 spliced connections to pid" in old_text, old_text
+        # The relays were suspended with bytes in hand (not at a quiet moment), in both connections.
+        assert len(re.findall(r"handed over holding to_client=[1-9]", old_text)) == 2, old_text
+        for stream in streams:
+            stream.reading.set()
+        busy.progress(1.0)
+        for stream in streams:
+            stream.finish()
+        for sock in socks:
+            sock.close()
+        wait_for(
+            "the adopted maps to be released",
+            lambda: "released the splice maps adopted from pid" in new_log.read_text(),
+        )
+    finally:
+        for sock in socks:
+            sock.close()
+        code, _ = stop(old)
+        if new is not None:
+            new_code, _ = stop(new)
+        sockpolicy(netns, "unload")
+    old_text, new_text = old_log.read_text(), new_log.read_text()
+    assert code == 0, old_text
+    assert new_code == 0, new_text
+    assert "adopted 2 spliced connections from pid" in new_text, new_text
+    # The slots' counters moved with the maps: the successor's end-of-connection lines show the throttles.
+    assert re.search(r"throttles=[1-9]", new_text), new_text
+    left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
+    assert re.search(r"2 adopted, 0 handed over; " + left, new_text), new_text
     assert "Traceback" not in old_text + new_text
 
 

@@ -312,6 +312,9 @@ class AdoptedPair:
     upstream_slot: SpliceSocket
     #: the predecessor's pid (logs)
     pid: int
+    #: the connection's client, original destination and upstream address, as the predecessor saw them
+    #: (``getpeername`` fails on a socket that is already closed but still has bytes to read)
+    addresses: list[list[Any]] | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -668,8 +671,9 @@ class Splicer:
         if cookie_of(sock) != cookie or self._slot_of.get(cookie) != slot:
             raise SpliceUnavailable("socket", "the adopted socket is not in its slot")
         conn = self._view(slot)
-        if conn.owner != cookie or conn.closed:
-            raise SpliceUnavailable("socket", "socket already closed")
+        if conn.owner != cookie:
+            raise SpliceUnavailable("socket", "the slot belongs to another socket")
+        # A closed one (conn.closed: it reached TCP_CLOSE) may still hold bytes for its relay to read.
         handle = SpliceSocket(self, sock, cookie, slot, base)
         self._claimed[slot] = cookie
         return handle

@@ -92,6 +92,15 @@ class SockStream:
         except BlockingIOError:
             return 0
 
+    def recv_now(self, max_bytes: int) -> bytes | None:
+        """Read what is queued, up to ``max_bytes``, without waiting and without yielding; ``None`` if
+        nothing is (``b""`` at EOF).  :raises OSError: e.g. ConnectionResetError."""
+        assert self._raw is not None, "trio's socket wrapper always has the stdlib socket"
+        try:
+            return self._raw.recv(max_bytes, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
     async def send_all(self, data: bytes | memoryview) -> None:
         """Write all of ``data``.  :raises OSError: e.g. BrokenPipeError, ConnectionResetError."""
         sent = self.send_now(data)

@@ -23,7 +23,7 @@ from ._connection import Connection, Direction, Message, normalize_addr
 from ._context import RECV_SIZE, Context, callback_name, log
 from ._framers import Framer, FramingError, RawFramer
 from ._policy import _MessageRule, run_callback, settle_result
-from ._splice import MODE_SPLICED, AdoptedPair, SpliceSocket, SpliceUnavailable, bytes_received, queued_total
+from ._splice import AdoptedPair, SpliceSocket, SpliceUnavailable, bytes_received, queued_total
 from ._streams import EchoStream, SockStream, abort_socket
 from ._verdicts import Close, Drop, Pass, Redirect, Rewrite, Splice, Verdict, verdict_kind
 
@@ -155,7 +155,9 @@ class _TcpSession:
         self.unconsumed = {
             Direction.TO_UPSTREAM: 0,
             Direction.TO_CLIENT: 0,
-        }  # peeked, forwarded, still queued
+        }  # peeked, still queued (written to the peer or not: see sent)
+        #: of the peeked chunk at the head of the queue, the bytes already written to the peer
+        self.sent = {Direction.TO_UPSTREAM: 0, Direction.TO_CLIENT: 0}
         self.pumps = 0  # pumps running
         self.watchdog = trio.CancelScope()
         # -- idle timeout: one watcher task per connection; the relay only stamps the time of activity --
@@ -165,6 +167,8 @@ class _TcpSession:
         self.names: dict[Callable[..., Any], str] = {}  # callback -> its metrics name (callback_name)
         self.now = trio.lowlevel.current_clock().current_time  # trio.current_time, one call less
         self.pending: tuple[Any, float] | None = None  # see _verdict_now
+        #: why the last :meth:`hand_over` kept the connection here (restart logs)
+        self.kept_because = ""
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -429,16 +433,40 @@ class _TcpSession:
 
     async def _send_up(self, leg: _Leg, data: bytes) -> None:
         slot = self.upstream_slot if leg is self.primary else None
+        stream = leg.stream
         if slot is not None and self.splicing:
             # After a throttle the kernel may still be delivering redirected bytes: queue ours behind them.
-            await self._wait_drained(slot, self.client_slot, leg.stream)
-        stream = leg.stream
-        sent = stream.send_now(data)  # usually all of it, without awaiting
-        if sent < len(data):
-            await stream.send_all(memoryview(data)[sent:])
-        if slot is not None:
-            slot.written += len(data)  # the verdict's backlog arithmetic counts every byte we queue
+            await self._wait_drained(slot, self.client_slot, stream)
+            await self._write_spliced(Direction.TO_UPSTREAM, stream, slot, data)
+        else:
+            sent = stream.send_now(data)  # usually all of it, without awaiting
+            if sent < len(data):
+                await stream.send_all(memoryview(data)[sent:])
+            if slot is not None:
+                slot.written += len(data)  # the verdict's backlog arithmetic counts every byte we queue
         self.ctx.stats.bytes_to_upstream += len(data)
+
+    async def _write_spliced(
+        self, direction: Direction, stream: Stream, slot: SpliceSocket, data: bytes
+    ) -> None:
+        """Write ``data`` into a spliced socket, accounting each byte as it leaves (``sent``, ``written``).
+
+        Only non-blocking sends, which never yield, and waits, which move nothing: at every point where
+        this can be suspended, ``sent`` says exactly how much of the chunk the peer has, so a restart can
+        hand the connection over in the middle of the write (:meth:`hand_over`).
+        """
+        assert isinstance(stream, SockStream)
+        view = memoryview(data)
+        while view:
+            # A hand-over while we were suspended cancelled us: the successor owns the sockets now.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            count = stream.send_now(view)
+            if count:
+                self.sent[direction] += count
+                slot.written += count  # the verdict's backlog arithmetic counts every byte we queue
+                view = view[count:]
+            else:
+                await trio.lowlevel.wait_writable(stream.sock)
 
     async def _message_up(self, data: bytes) -> None:
         assert self.up_rule is not None and self.primary is not None
@@ -522,9 +550,11 @@ class _TcpSession:
             async with lock:
                 if slot is not None and self.splicing:
                     await self._wait_drained(slot, self.upstream_slot, self.client)
-                await self.client.send_all(data)
-                if slot is not None:
-                    slot.written += len(data)
+                    await self._write_spliced(Direction.TO_CLIENT, self.client, slot, data)
+                else:
+                    await self.client.send_all(data)
+                    if slot is not None:
+                        slot.written += len(data)
         else:
             # Nobody is writing to the client: what the socket takes now cannot interleave with another
             # leg's message (no await); only a remainder has to wait, holding the lock.
@@ -660,7 +690,11 @@ class _TcpSession:
             if not data:
                 await self._confirm_eof(sock, direction)
                 data = await sock.recv(size, socket.MSG_PEEK)
+            # trio yields once more after a successful recv: a hand-over in that step cancelled us, and
+            # nothing of this chunk may be acted on here any more.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self.unconsumed[direction] = len(data)
+            self.sent[direction] = 0
             return data
         if self.raw:
             return await stream.receive(RECV_SIZE)  # nothing left to flush, ever
@@ -712,20 +746,25 @@ class _TcpSession:
                 self.hooked.add(direction)
                 await SPLICE_SWITCH_HOOK()  # meanwhile the kernel passes (and counts) what arrives
             # Everything read in this direction has been written to the peer: the kernel may switch.
+            await trio.lowlevel.checkpoint_if_cancelled()  # unless handed over: the slot is not ours then
             source.set_forwarded(self.read[direction])
+            self.sent[direction] = 0
             await self._consume(direction)
 
     async def _consume(self, direction: Direction) -> None:
         """Drop the bytes :meth:`_receive` peeked and the relay forwarded (they are at the queue's head)."""
-        count, self.unconsumed[direction] = self.unconsumed[direction], 0
         assert self.primary is not None
         stream = self.client if direction is Direction.TO_UPSTREAM else self.primary.stream
         assert isinstance(stream, SockStream)
-        while count:
-            data = await stream.sock.recv(min(count, 1 << 22))
+        # recv_now never yields: `unconsumed` is exact whenever hand_over() can look at it.
+        while self.unconsumed[direction]:
+            data = stream.recv_now(min(self.unconsumed[direction], 1 << 22))
+            if data is None:
+                await trio.lowlevel.wait_readable(stream.sock)
+                continue
             if not data:
                 raise _End("peeked bytes vanished from the receive queue", reset=True, error=True)
-            count -= len(data)
+            self.unconsumed[direction] -= len(data)
         source = self.client_slot if direction is Direction.TO_UPSTREAM else self.upstream_slot
         if source is not None and source.passed == self.read[direction] and direction not in self.restored:
             # Caught up: the next skb is redirected.  Give the socket its full receive buffer back (the
@@ -805,47 +844,84 @@ class _TcpSession:
     # -- restart ------------------------------------------------------------------------------------
 
     def hand_over(self) -> tuple[int, int, SpliceSocket, SpliceSocket] | None:
-        """Stop serving this connection here, untouched, if the kernel carries it all (restart).
+        """Stop serving this spliced connection here and give it to the successor (restart).
 
-        Only when both directions are in MODE_SPLICED and userspace holds nothing: every byte the verdict
-        passed has been read, forwarded (``passed == forwarded == read``) and consumed (the socket's queue is
-        empty), no FIN or RST has been seen (both sockets ESTABLISHED), no write is in progress.  All of it is
-        checked, and the session cancelled, in one trio step, so no pump runs in between: a pump is parked in
-        its receive, and cancelling it there reads nothing.  Whatever the kernel passes after the check
-        (a throttle, a FIN, an RST) stays queued for the successor, whose relay starts at ``read =
-        forwarded`` exactly like this one would have.
+        Called in the trio thread between task steps, so every pump is suspended at an ``await``: in its
+        peek (nothing held), waiting for the peer socket to drain or to take more of a chunk (a throttle:
+        a slow reader), consuming forwarded bytes, or after its direction's EOF.  At each of those points
+        the state of a direction is exact: ``forwarded`` bytes were written to the peer, and everything
+        after them is still queued on the source socket, where the successor peeks it again, except the
+        head of a chunk that is already written (``sent``) or forwarded and not consumed yet
+        (``unconsumed``).  Those bytes are consumed here, without waiting (they are queued: we peeked
+        them), and ``forwarded`` moves past them.  The successor's relay then starts at ``read =
+        forwarded`` like this one would have; what the kernel passes meanwhile (a throttle, a FIN, an
+        RST) stays queued for it.  Cancelling the session afterwards stops each pump at its next
+        ``await``, which acts on nothing (:meth:`_receive`, :meth:`_write_spliced`).
+
+        Not handed over (``None``, the reason in :attr:`kept_because`; it keeps running here, the caller
+        retries): a session that is ending, not spliced (or not yet through its switch), or with more
+        than one upstream.
 
         :returns: duplicates of the client and upstream socket fds (the caller sends them and closes them)
-            and the two slots, which stay claimed here so that this process never frees them; ``None`` if
-            the connection is not in that state (it keeps draining here).
+            and the two slots, which stay claimed here so that this process never frees them.
         """
         primary = self.primary
         client_slot, upstream_slot = self.client_slot, self.upstream_slot
+        if self.end is not None or not self.pumps:
+            self.kept_because = "ending"
+            return None
         if (
-            self.end is not None
-            or not self.splicing
-            or self.pumps != 2
+            not self.splicing
             or len(self.legs) != 1
             or primary is None
-            or primary.eof
             or not isinstance(primary.stream, SockStream)
             or client_slot is None
             or upstream_slot is None
-            or self.client_lock.locked()
         ):
+            self.kept_because = "not spliced"
             return None
         directions = (
             (Direction.TO_UPSTREAM, client_slot, self.client),
             (Direction.TO_CLIENT, upstream_slot, primary.stream),
         )
+        plan: list[tuple[SpliceSocket, SockStream, int, int]] = []
         for direction, source, stream in directions:
             c = source.conn
-            if c.mode != MODE_SPLICED or c.closed or self.unconsumed[direction]:
+            read, held, sent = self.read[direction], self.unconsumed[direction], self.sent[direction]
+            if direction not in self.restored:
+                self.kept_because = f"{direction.name.lower()}: still switching to the kernel"
                 return None
-            if not c.passed == c.forwarded == self.read[direction]:
+            if c.forwarded == read:
+                done, forwarded = held, read  # forwarded: only its consumption is left
+            elif c.forwarded + held == read and sent <= held:
+                done = sent  # peeked; this much of it is written to the peer
+                forwarded = c.forwarded + done
+            else:  # not a state a pump waits in: never seen, but then do not guess
+                self.kept_because = (
+                    f"{direction.name.lower()}: read={read} forwarded={c.forwarded} held={held} sent={sent}"
+                )
                 return None
-            if not _quiet(stream.sock):
-                return None
+            plan.append((source, stream, done, forwarded))
+        log.debug(
+            "%r: handed over holding to_client=%d (%d written) to_upstream=%d (%d written)",
+            self.conn,
+            self.unconsumed[Direction.TO_CLIENT],
+            self.sent[Direction.TO_CLIENT],
+            self.unconsumed[Direction.TO_UPSTREAM],
+            self.sent[Direction.TO_UPSTREAM],
+        )
+        for source, stream, done, forwarded in plan:
+            while done:
+                try:
+                    data = stream.recv_now(min(done, 1 << 22))
+                except OSError:
+                    data = None
+                if not data:
+                    # Peeked bytes cannot vanish; if they did, the stream is corrupt in any process.
+                    self._finish(_End("peeked bytes vanished at the hand-over", reset=True, error=True))
+                    return None
+                done -= len(data)
+            source.set_forwarded(forwarded)
         fds = (os.dup(self.client.sock.fileno()), os.dup(primary.stream.sock.fileno()))
         # Out of _release_slots' reach: the successor frees them.  Our close() of the sockets only drops this
         # process's fds (the duplicates keep them open): no FIN, no RST.
@@ -855,21 +931,6 @@ class _TcpSession:
 
 
 # -- restart: spliced connections move to the successor (docs/operations.md) ----------------------------
-
-_TCP_ESTABLISHED = 1  # tcpi_state
-
-
-def _quiet(sock: trio.socket.SocketType) -> bool:
-    """Established (no FIN or RST received or sent) and nothing queued for userspace to read."""
-    try:
-        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED:
-            return False
-        sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[attr-defined]
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False  # data (or an EOF) is waiting: a pump has something to do
 
 
 class _AdoptedSession(_TcpSession):
@@ -890,10 +951,14 @@ async def run_adopted_splice(ctx: Context, pair: AdoptedPair) -> None:
     client = trio.socket.from_stdlib_socket(pair.client)
     upstream = trio.socket.from_stdlib_socket(pair.upstream)
     try:
-        conn = Connection("tcp", normalize_addr(client.getpeername()), normalize_addr(client.getsockname()),
-                          ctx.label)  # fmt: skip
-        conn.upstream = normalize_addr(upstream.getpeername())
-    except OSError as exc:  # reset meanwhile: what an RST means, on both sides
+        if pair.addresses is not None:
+            peer, local, remote = (normalize_addr(tuple(addr)) for addr in pair.addresses)
+        else:
+            peer, local = normalize_addr(client.getpeername()), normalize_addr(client.getsockname())
+            remote = normalize_addr(upstream.getpeername())
+        conn = Connection("tcp", peer, local, ctx.label)
+        conn.upstream = remote
+    except (OSError, TypeError, ValueError) as exc:  # reset meanwhile: what an RST means, on both sides
         log.info(
             "spliced connection adopted from pid %d: already gone (%s); resetting both sides", pair.pid, exc
         )
