@@ -172,9 +172,13 @@ class _TcpSession:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
+    #: whether this process accepted the connection (not so for one adopted in a restart)
+    accepted = True
+
     async def run(self) -> None:
         stats = self.ctx.stats
-        stats.connections_accepted += 1
+        if self.accepted:
+            stats.connections_accepted += 1
         stats.connections_active += 1
         stats.conn_opened(self.conn, self.client.sock)  # ops: close summary / periodic log line
         reset = True  # until we know better, a failure leaves the client with an RST
@@ -714,14 +718,36 @@ class _TcpSession:
         source = self.client_slot if direction is Direction.TO_UPSTREAM else self.upstream_slot
         if source is None:
             return
+        read = self.read[direction]
+
+        def confirmed() -> bool:
+            if source.passed <= read:
+                return True
+            try:
+                return bool(sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return False
+
+        await self._poll(confirmed, None, "passed bytes never reached the receive queue after EOF")
+
+    async def _poll(
+        self, done: Callable[[], bool], progress: Callable[[], object] | None, stalled: str
+    ) -> None:
+        """Wait until ``done()``, checking every 0.5 ms at first, backing off to 5 ms (what the kernel does
+        meanwhile does not wake us).  A change of ``progress()`` pushes the idle deadline; no change for
+        ``idle_timeout`` raises :class:`_End` (``stalled``), resetting both sides."""
         delay = 0.0005
-        stalled = trio.current_time()
+        last: object = None
+        since = trio.current_time()
         limit = self.ctx.idle_timeout if self.ctx.idle_timeout > 0 else math.inf
-        while source.passed > self.read[direction]:
-            if await sock.recv(1, socket.MSG_PEEK):
-                return
-            if trio.current_time() - stalled > limit:
-                raise _End("passed bytes never reached the receive queue after EOF", reset=True, error=True)
+        while not done():
+            now = trio.current_time()
+            mark = progress() if progress is not None else None
+            if mark != last:
+                last, since = mark, now
+                self._touch()
+            elif now - since > limit:
+                raise _End(stalled, reset=True, error=True)
             await trio.sleep(delay)
             delay = min(delay * 2, 0.005)
 
@@ -765,6 +791,9 @@ class _TcpSession:
             if not data:
                 raise _End("peeked bytes vanished from the receive queue", reset=True, error=True)
             self.unconsumed[direction] -= len(data)
+        # Yield once per chunk, as a read through trio would: the other direction's pump gets its turn.
+        # Nothing is held at this point (forwarded == read, nothing unconsumed), so a hand-over may run.
+        await trio.lowlevel.checkpoint()
         source = self.client_slot if direction is Direction.TO_UPSTREAM else self.upstream_slot
         if source is not None and source.passed == self.read[direction] and direction not in self.restored:
             # Caught up: the next skb is redirected.  Give the socket its full receive buffer back (the
@@ -780,20 +809,12 @@ class _TcpSession:
         Progress (the queue growing) pushes the idle timeout; no progress for ``idle_timeout`` resets.
         """
         assert isinstance(stream, SockStream)
-        delay = 0.0005
-        last = -1
-        stalled = trio.current_time()
-        limit = self.ctx.idle_timeout if self.ctx.idle_timeout > 0 else math.inf
-        while not sink.drained_into(source, stream.sock):
-            total = queued_total(stream.sock)
-            now = trio.current_time()
-            if total != last:
-                last, stalled = total, now
-                self._touch()
-            elif now - stalled > limit:
-                raise _End("spliced bytes did not drain into the peer socket", reset=True, error=True)
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.005)
+        sock = stream.sock
+        await self._poll(
+            lambda: sink.drained_into(source, sock),
+            lambda: queued_total(sock),
+            "spliced bytes did not drain into the peer socket",
+        )
 
     def _verify_slots(self) -> None:
         """Production check that no byte was handled twice by the verdict (see :func:`_overcount`).
@@ -936,6 +957,8 @@ class _TcpSession:
 class _AdoptedSession(_TcpSession):
     """A spliced connection received in a restart: no on_connect, no upstream to open."""
 
+    accepted = False
+
     async def _setup(self) -> None:
         pass
 
@@ -981,5 +1004,4 @@ async def run_adopted_splice(ctx: Context, pair: AdoptedPair) -> None:
     if ctx.splicer is not None:
         ctx.splicer.sessions.add(session)  # a later restart may hand it on again
     log.info("%r: spliced connection adopted from pid %d", conn, pair.pid)
-    ctx.stats.connections_accepted -= 1  # run() counts it; this process did not accept it
     await session.run()
