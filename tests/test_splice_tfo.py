@@ -1,0 +1,357 @@
+"""TCP Fast Open clients through a splicing proxy: the data of the SYN is spliced exactly like the rest.
+
+With TFO the client's first bytes ride in its SYN.  The kernel creates the accepted socket from that SYN
+(``tcp_fastopen_create_child``): SOCK_OPS enrols it (``PASSIVE_ESTABLISHED_CB``) while it is still in
+SYN_RECV, and only then are the SYN's bytes queued on its receive queue, without a ``data_ready`` call,
+so no verdict runs on them at that point.  These tests check that those bytes still reach the upstream
+exactly once, in order, and that the slot's verdict counted each received byte once (docs/splice.md,
+"TCP Fast Open").
+
+Each test proves that the data really rode in the SYN, or fails: the client's ``TCP_INFO`` must show
+``TCPI_OPT_SYN_DATA`` (the server acknowledged the SYN's data with its SYN-ACK) and exactly the SYN
+payload sent before anything else, and the namespace's ``TCPFastOpenPassive`` counter must have grown by
+one per connection.  ``net.ipv4.tcp_fastopen`` is per network namespace: each test sets it to 3 (client
+and server) with a fixed server key inside its own namespace, fetches a cookie with one plain
+connection first, and the proxy's listener has ``TCP_FASTOPEN`` (``--fastopen``).
+
+Helpers (upstream server, proxy process, patterns) come from test_splice.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+import socket
+import struct
+from typing import Any
+
+import pytest
+import trio
+from _harness import NetNS
+from test_splice import (
+    HEADER,
+    MAGIC,
+    TIMEOUT,
+    ProxyProcess,
+    assert_clean,
+    pattern,
+    proxy_process,
+    recv_pattern,
+    skip_preamble,
+    upstream_server,
+)
+
+pytestmark = pytest.mark.privileged
+
+TCP_FASTOPEN_CONNECT = 30  # linux/tcp.h; not in Python's socket module on every version
+TCPI_OPT_SYN_DATA = 0x20
+# offsets in struct tcp_info (linux/tcp.h)
+_TCPI_OPTIONS = 5
+_TCPI_DATA_SEGS_OUT = 156
+_TCPI_BYTES_SENT = 200
+_TCPI_BYTES_RETRANS = 208
+_TCPI_LEN = 216
+KEY = "5eed0000-00000000-00000000-0000cafe"
+
+# One line of the relay's debug log per slot at release (_tcp._release_slots).
+_SIDE = ("client", "upstream")
+
+
+def enable_fastopen(netns: NetNS) -> None:
+    """TFO client and server (3) with a fixed key, in this namespace only."""
+    assert netns.sysctl("net.ipv4.tcp_fastopen", 3) == "3"
+    netns.sysctl("net.ipv4.tcp_fastopen_key", KEY)
+
+
+def netstat(netns: NetNS, name: str) -> int:
+    """A ``TcpExt`` counter of the namespace (``/proc/net/netstat`` read from inside it)."""
+
+    def read() -> str:
+        with open("/proc/thread-self/net/netstat") as f:
+            return f.read()
+
+    lines = [line.split() for line in netns.call(read).splitlines() if line.startswith("TcpExt:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index(name)])
+
+
+def client_stream(conn_id: int, preamble: bytes, up_size: int, down_size: int) -> bytes:
+    """Everything the client sends: its preamble, the header, ``up_size`` pattern bytes."""
+    return preamble + HEADER.pack(MAGIC, conn_id, up_size, down_size) + pattern(conn_id, 0, 0, up_size)
+
+
+def tfo_connect(netns: NetNS, family: int, addr: tuple[Any, ...], syn: bytes) -> tuple[socket.socket, bytes]:
+    """A client socket (created in ``netns``) whose connection was opened by a SYN carrying ``syn``
+    (``TCP_FASTOPEN_CONNECT``: ``connect()`` sends nothing, the first ``send()`` sends the SYN with the
+    data).  Blocking until the handshake ends; returns the socket and its ``TCP_INFO`` right then."""
+
+    def go() -> tuple[socket.socket, bytes]:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+            sock.settimeout(10)
+            sock.connect(addr)
+            sent = sock.send(syn)
+            assert sent == len(syn), (sent, len(syn))
+            return sock, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
+        except BaseException:
+            sock.close()
+            raise
+
+    return netns.call(go)
+
+
+def assert_rode_in_syn(info: bytes, syn: bytes) -> None:
+    """``info`` (the client's TCP_INFO right after its first send) says the whole ``syn`` payload went in
+    the SYN and was acknowledged by the SYN-ACK: the proxy received it as Fast Open data."""
+    options = info[_TCPI_OPTIONS]
+    (data_segs_out,) = struct.unpack_from("=I", info, _TCPI_DATA_SEGS_OUT)
+    sent, retrans = struct.unpack_from("=QQ", info, _TCPI_BYTES_SENT)
+    assert options & TCPI_OPT_SYN_DATA, f"the SYN's data was not accepted (tcpi_options {options:#x})"
+    assert (data_segs_out, sent, retrans) == (1, len(syn), 0), (data_segs_out, sent, retrans)
+
+
+async def cookie_connection(
+    netns: NetNS, family: int, addr: tuple[Any, ...], conn_id: int, preamble: bytes = b"PRE\n"
+) -> tuple[trio.socket.SocketType, int]:
+    """A connection through the proxy whose SYN asks for a cookie (its data follows the handshake), so
+    that later SYNs to ``addr`` can carry data.  The cookie comes with the SYN-ACK, before any
+    ``accept()``.  Returns the socket, its request sent, for :func:`finish` (10 bytes back, 10 up), and
+    the number of bytes the client sent."""
+    stream = client_stream(conn_id, preamble, 10, 10)
+    sock, info = await trio.to_thread.run_sync(tfo_connect, netns, family, addr, stream)
+    assert not info[_TCPI_OPTIONS] & TCPI_OPT_SYN_DATA, "a cookie was cached already"
+    return trio.socket.from_stdlib_socket(sock), len(stream)
+
+
+async def fetch_cookie(
+    netns: NetNS, family: int, addr: tuple[Any, ...], conn_id: int, preamble: bytes = b"PRE\n",
+    up_preamble: bytes = b"PRE\n",
+) -> int:  # fmt: skip
+    """:func:`cookie_connection`, completed (a full small exchange, so the plain path is checked too)."""
+    sock, sent = await cookie_connection(netns, family, addr, conn_id, preamble)
+    await finish(sock, conn_id, b"", 10, up_preamble)
+    return sent
+
+
+async def finish(
+    sock: trio.socket.SocketType,
+    conn_id: int,
+    rest: bytes,
+    down_size: int,
+    up_preamble: bytes,
+    *,
+    rng: random.Random | None = None,
+    half_close_first: bool = True,
+) -> None:
+    """Send ``rest`` (the client's stream after the SYN's part), half-close, read the upstream's preamble
+    and ``down_size`` pattern bytes checked, then EOF.  ``half_close_first=False``: read the whole reply
+    first, then half-close (the client that waits for an answer to what its SYN carried)."""
+    with sock:
+
+        async def upload() -> None:
+            view = memoryview(rest)
+            while view:
+                chunk = rng.choice((1, 7, 1000, 16384, 65536)) if rng else 65536
+                view = view[await sock.send(view[:chunk]) :]
+                if rng is not None and rng.random() < 0.05:
+                    await trio.sleep(rng.random() * 0.01)
+            if half_close_first:
+                sock.shutdown(socket.SHUT_WR)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            if up_preamble:
+                assert await skip_preamble(sock), f"conn {conn_id}: EOF before the upstream's preamble"
+            if half_close_first:
+                await recv_pattern(sock, conn_id, 1, down_size)
+                return
+            got = 0
+            while got < down_size:
+                data = await sock.recv(min(65536, down_size - got))
+                assert data, f"conn {conn_id}: EOF after {got} of {down_size} bytes"
+                assert data == pattern(conn_id, 1, got, len(data)), f"conn {conn_id}: wrong bytes at {got}"
+                got += len(data)
+        sock.shutdown(socket.SHUT_WR)
+        assert await sock.recv(1) == b"", f"conn {conn_id}: bytes after the end"
+
+
+_SLOT_LINE = re.compile(
+    r"<Connection #\d+ tcp \S+:(\d+) -> .*?: (client|upstream) mode=(\d+) passed=(\d+) forwarded=(\d+) "
+    r"redirected=(\d+)"
+)
+
+
+def slot_counters(log: str) -> dict[tuple[int, str], dict[str, int]]:
+    """The slot counters the relay logs (debug) when it releases a connection, by (client port, side)."""
+    names = ("mode", "passed", "forwarded", "redirected")
+    return {
+        (int(m[1]), m[2]): dict(zip(names, map(int, m.groups()[2:]), strict=True))
+        for m in _SLOT_LINE.finditer(log)
+    }
+
+
+def assert_judged_once(px: ProxyProcess, sent: dict[int, int], redirecting: dict[int, str]) -> None:
+    """Each client slot's verdict passed or redirected exactly the bytes its client sent, the SYN's
+    included (``sent``: client port -> bytes), and for each port of ``redirecting`` the slot of that
+    side redirected something: the kernel took that direction over."""
+    slots = slot_counters(px.stderr())
+    for port, size in sent.items():
+        c = slots.get((port, "client"))
+        assert c is not None, f"no slot counters logged for client port {port}: {slots}"
+        assert c["passed"] + c["redirected"] == size, (port, size, c)
+    for port, side in redirecting.items():
+        assert slots[port, side]["redirected"] > 0, (port, side, slots[port, side])
+
+
+def addr_of(family: int, px: ProxyProcess) -> tuple[Any, ...]:
+    return ("::1", px.port) if family == socket.AF_INET6 else ("127.0.0.1", px.port)
+
+
+DEBUG = {"SOCKPOLICY_LOG": "DEBUG"}  # the relay logs each slot's counters at release
+FAMILIES = [pytest.param(socket.AF_INET, id="v4"), pytest.param(socket.AF_INET6, id="v6")]
+
+
+def listen_args(family: int) -> list[str]:
+    return ["--fastopen", "64", *(["--listen", "::1"] if family == socket.AF_INET6 else [])]
+
+
+def preamble_for(policy: str) -> bytes:
+    """The client's preamble: ``message`` splices on the client's ``SPLICE`` line (read by the relay)."""
+    return b"hello\nSPLICE\n" if policy == "message" else b"PRE\n"
+
+
+def assert_seq_tracking_clean(stats: dict[str, Any]) -> None:
+    """The verdict trusted every skb's control block (the SYN's data included) and saw nothing twice."""
+    kernel = stats["kernel"]
+    assert kernel["seq_unknown"] == 0 and kernel["trim_failed"] == 0, kernel
+    assert kernel["old_dropped"] == 0 and kernel["old_trimmed"] == 0, kernel
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["connect", "message"])
+async def test_fastopen_data_then_exchange(netns: NetNS, policy: str, family: int) -> None:
+    """(a) The SYN carries the preamble, the header and the first pattern bytes; then 1 MB each way.
+
+    ``connect``: Pass(splice=True) from on_connect, the kernel may take the SYN's bytes itself;
+    ``message``: the relay reads and frames them first (lines until ``SPLICE``), then splices.
+    """
+    enable_fastopen(netns)
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    preamble = preamble_for(policy)
+    conn_id, up_size, down_size = 100, 1_000_000, 1_000_000
+    stream = client_stream(conn_id, preamble, up_size, down_size)
+    syn = stream[:1000]
+    async with (
+        upstream_server(netns, host) as up,
+        proxy_process(netns, up, "--policy", policy, *listen_args(family), env=DEBUG) as px,
+    ):
+        assert px.splice_reason is None, px.stderr()
+        addr = addr_of(family, px)
+        with trio.fail_after(TIMEOUT):
+            await fetch_cookie(netns, family, addr, 99, preamble)
+            before = netstat(netns, "TCPFastOpenPassive")
+            sock, info = await trio.to_thread.run_sync(tfo_connect, netns, family, addr, syn)
+            assert_rode_in_syn(info, syn)
+            port = sock.getsockname()[1]
+            rest = stream[len(syn) :]
+            await finish(trio.socket.from_stdlib_socket(sock), conn_id, rest, down_size, b"PRE\n")
+            stats = await px.wait_idle()
+        assert netstat(netns, "TCPFastOpenPassive") == before + 1
+        assert_judged_once(px, {port: len(stream)}, {port: "client"})
+    assert up.errors == [] and up.results == {99: 10, conn_id: up_size}
+    assert_clean(stats)
+    assert_seq_tracking_clean(stats)
+    assert stats["splicer"]["spliced"] == 2
+
+
+@pytest.mark.parametrize("timing", ["hold", "switch-pause"])
+async def test_fastopen_data_and_streaming_during_the_switch(netns: NetNS, timing: str) -> None:
+    """(b) SYN data, then both sides stream at once (random write sizes) while the switch happens.
+
+    ``hold``: the proxy accepts only after the client has queued its SYN data and 300 ms of stream
+    behind it (the accepted socket's receive queue starts with the SYN's skb, which no verdict saw);
+    ``switch-pause``: the relay is held 300 ms between the splice request and its first ``forwarded``
+    store, so the kernel passes (and counts) what arrives meanwhile.  Four connections.
+    """
+    enable_fastopen(netns)
+    args = ["--hold"] if timing == "hold" else ["--switch-pause", "0.3"]
+    up_size, down_size = 3_000_000, 3_000_000
+    streams = {200 + i: client_stream(200 + i, b"PRE\n", up_size, down_size) for i in range(4)}
+    async with (
+        upstream_server(netns) as up,
+        proxy_process(netns, up, "--policy", "connect", *listen_args(socket.AF_INET), *args, env=DEBUG) as px,
+    ):
+        addr = addr_of(socket.AF_INET, px)
+        with trio.fail_after(TIMEOUT):
+            warm_sock, _ = await cookie_connection(netns, socket.AF_INET, addr, 99)
+            before = netstat(netns, "TCPFastOpenPassive")
+            sent = {}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(finish, warm_sock, 99, b"", 10, b"PRE\n")
+                for conn_id, stream in streams.items():
+                    syn = stream[: 700 + conn_id]
+                    sock, info = await trio.to_thread.run_sync(tfo_connect, netns, socket.AF_INET, addr, syn)
+                    assert_rode_in_syn(info, syn)
+                    sent[sock.getsockname()[1]] = len(stream)
+                    rest = stream[len(syn) :]
+                    client = trio.socket.from_stdlib_socket(sock)
+                    nursery.start_soon(
+                        functools.partial(
+                            finish, client, conn_id, rest, down_size, b"PRE\n", rng=random.Random(conn_id)
+                        )
+                    )
+                if timing == "hold":
+                    await trio.sleep(0.3)  # SYN data and stream queued on sockets nobody accepted yet
+                    assert (await px.command("go"))["ok"]
+            stats = await px.wait_idle()
+        assert netstat(netns, "TCPFastOpenPassive") == before + 4
+        assert_judged_once(px, sent, dict.fromkeys(sent, "client"))
+    assert up.errors == [] and up.results == {99: 10, **{c: up_size for c in streams}}
+    assert_clean(stats)
+    assert_seq_tracking_clean(stats)
+    assert stats["splicer"]["spliced"] == 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["connect", "message"])
+async def test_fastopen_syn_data_alone_gets_its_answer(netns: NetNS, policy: str, family: int) -> None:
+    """(c) Everything the client sends is in its SYN, then it waits for the answer (no later segment
+    from the client, so nothing but the relay's first read makes the verdict run on the SYN's bytes).
+
+    The upstream speaks only after it has read the client's whole request (preamble, header, 300 bytes)
+    and answers with 200 kB; the client reads all of it before it half-closes.  If the SYN's bytes were
+    stuck in the accepted socket's queue, nobody would ever speak: the test times out.
+    """
+    enable_fastopen(netns)
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    preamble = preamble_for(policy)
+    conn_id, up_size, down_size = 300, 300, 200_000
+    stream = client_stream(conn_id, preamble, up_size, down_size)
+    async with (
+        upstream_server(netns, host, preamble=b"") as up,
+        proxy_process(netns, up, "--policy", policy, *listen_args(family), env=DEBUG) as px,
+    ):
+        addr = addr_of(family, px)
+        with trio.fail_after(TIMEOUT):
+            await fetch_cookie(netns, family, addr, 99, preamble, up_preamble=b"")
+            before = netstat(netns, "TCPFastOpenPassive")
+            sock, info = await trio.to_thread.run_sync(tfo_connect, netns, family, addr, stream)
+            assert_rode_in_syn(info, stream)
+            port = sock.getsockname()[1]
+            with trio.fail_after(10):
+                await finish(
+                    trio.socket.from_stdlib_socket(sock), conn_id, b"", down_size, b"", half_close_first=False
+                )
+            stats = await px.wait_idle()
+        assert netstat(netns, "TCPFastOpenPassive") == before + 1
+        # The request is all in the SYN: with ``connect`` the kernel takes it (the splice is requested
+        # before the relay's first read), with ``message`` the relay reads it; the answer is spliced.
+        redirecting = {port: "upstream"}
+        assert_judged_once(px, {port: len(stream)}, redirecting)
+        if policy == "connect":
+            assert slot_counters(px.stderr())[port, "client"]["redirected"] == len(stream)
+    assert up.errors == [] and up.results == {99: 10, conn_id: up_size}
+    assert_clean(stats)
+    assert_seq_tracking_clean(stats)
