@@ -81,12 +81,16 @@ def client_stream(conn_id: int, preamble: bytes, up_size: int, down_size: int) -
     return preamble + HEADER.pack(MAGIC, conn_id, up_size, down_size) + pattern(conn_id, 0, 0, up_size)
 
 
-def tfo_connect(netns: NetNS, family: int, addr: tuple[Any, ...], syn: bytes) -> tuple[socket.socket, bytes]:
-    """A client socket (created in ``netns``) whose connection was opened by a SYN carrying ``syn``
-    (``TCP_FASTOPEN_CONNECT``: ``connect()`` sends nothing, the first ``send()`` sends the SYN with the
-    data).  Blocking until the handshake ends; returns the socket and its ``TCP_INFO`` right then."""
+async def tfo_connect(
+    netns: NetNS, family: int, addr: tuple[Any, ...], syn: bytes, *, in_syn: bool = True
+) -> trio.socket.SocketType:
+    """A client socket (created in ``netns``) whose first ``send()`` of ``syn`` opened the connection
+    (``TCP_FASTOPEN_CONNECT``: ``connect()`` sends nothing; the send puts the data into the SYN when a
+    cookie is cached, else asks for one).  ``in_syn``: the client's TCP_INFO, right after that send
+    returned (blocking, so the handshake is over), must show that the whole of ``syn`` rode in the SYN
+    and was acknowledged by the SYN-ACK (:func:`assert_rode_in_syn`); else that none did."""
 
-    def go() -> tuple[socket.socket, bytes]:
+    def go() -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
@@ -94,12 +98,17 @@ def tfo_connect(netns: NetNS, family: int, addr: tuple[Any, ...], syn: bytes) ->
             sock.connect(addr)
             sent = sock.send(syn)
             assert sent == len(syn), (sent, len(syn))
-            return sock, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
+            if in_syn:
+                assert_rode_in_syn(info, syn)
+            else:
+                assert not info[_TCPI_OPTIONS] & TCPI_OPT_SYN_DATA, "a cookie was cached already"
+            return sock
         except BaseException:
             sock.close()
             raise
 
-    return netns.call(go)
+    return trio.socket.from_stdlib_socket(await netns.acall(go))
 
 
 def assert_rode_in_syn(info: bytes, syn: bytes) -> None:
@@ -120,9 +129,7 @@ async def cookie_connection(
     ``accept()``.  Returns the socket, its request sent, for :func:`finish` (10 bytes back, 10 up), and
     the number of bytes the client sent."""
     stream = client_stream(conn_id, preamble, 10, 10)
-    sock, info = await trio.to_thread.run_sync(tfo_connect, netns, family, addr, stream)
-    assert not info[_TCPI_OPTIONS] & TCPI_OPT_SYN_DATA, "a cookie was cached already"
-    return trio.socket.from_stdlib_socket(sock), len(stream)
+    return await tfo_connect(netns, family, addr, stream, in_syn=False), len(stream)
 
 
 async def fetch_cookie(
@@ -252,11 +259,9 @@ async def test_fastopen_data_then_exchange(netns: NetNS, policy: str, family: in
         with trio.fail_after(TIMEOUT):
             await fetch_cookie(netns, family, addr, 99, preamble)
             before = netstat(netns, "TCPFastOpenPassive")
-            sock, info = await trio.to_thread.run_sync(tfo_connect, netns, family, addr, syn)
-            assert_rode_in_syn(info, syn)
+            sock = await tfo_connect(netns, family, addr, syn)
             port = sock.getsockname()[1]
-            rest = stream[len(syn) :]
-            await finish(trio.socket.from_stdlib_socket(sock), conn_id, rest, down_size, b"PRE\n")
+            await finish(sock, conn_id, stream[len(syn) :], down_size, b"PRE\n")
             stats = await px.wait_idle()
         assert netstat(netns, "TCPFastOpenPassive") == before + 1
         assert_judged_once(px, {port: len(stream)}, {port: "client"})
@@ -292,15 +297,12 @@ async def test_fastopen_data_and_streaming_during_the_switch(netns: NetNS, timin
                 nursery.start_soon(finish, warm_sock, 99, b"", 10, b"PRE\n")
                 for conn_id, stream in streams.items():
                     syn = stream[: 700 + conn_id]
-                    sock, info = await trio.to_thread.run_sync(tfo_connect, netns, socket.AF_INET, addr, syn)
-                    assert_rode_in_syn(info, syn)
+                    sock = await tfo_connect(netns, socket.AF_INET, addr, syn)
                     sent[sock.getsockname()[1]] = len(stream)
                     rest = stream[len(syn) :]
-                    client = trio.socket.from_stdlib_socket(sock)
+                    rng = random.Random(conn_id)
                     nursery.start_soon(
-                        functools.partial(
-                            finish, client, conn_id, rest, down_size, b"PRE\n", rng=random.Random(conn_id)
-                        )
+                        functools.partial(finish, sock, conn_id, rest, down_size, b"PRE\n", rng=rng)
                     )
                 if timing == "hold":
                     await trio.sleep(0.3)  # SYN data and stream queued on sockets nobody accepted yet
@@ -314,15 +316,19 @@ async def test_fastopen_data_and_streaming_during_the_switch(netns: NetNS, timin
     assert stats["splicer"]["spliced"] == 5
 
 
+@pytest.mark.parametrize("hold", [False, True], ids=["at-once", "hold"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("policy", ["connect", "message"])
-async def test_fastopen_syn_data_alone_gets_its_answer(netns: NetNS, policy: str, family: int) -> None:
+async def test_fastopen_syn_data_alone_gets_its_answer(
+    netns: NetNS, policy: str, family: int, hold: bool
+) -> None:
     """(c) Everything the client sends is in its SYN, then it waits for the answer (no later segment
     from the client, so nothing but the relay's first read makes the verdict run on the SYN's bytes).
 
     The upstream speaks only after it has read the client's whole request (preamble, header, 300 bytes)
     and answers with 200 kB; the client reads all of it before it half-closes.  If the SYN's bytes were
-    stuck in the accepted socket's queue, nobody would ever speak: the test times out.
+    stuck in the accepted socket's queue, nobody would ever speak: the test times out.  ``hold``: the
+    proxy accepts only 300 ms after the handshake (``at-once``: as soon as it can).
     """
     enable_fastopen(netns)
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
@@ -331,19 +337,24 @@ async def test_fastopen_syn_data_alone_gets_its_answer(netns: NetNS, policy: str
     stream = client_stream(conn_id, preamble, up_size, down_size)
     async with (
         upstream_server(netns, host, preamble=b"") as up,
-        proxy_process(netns, up, "--policy", policy, *listen_args(family), env=DEBUG) as px,
+        proxy_process(
+            netns, up, "--policy", policy, *listen_args(family), *(["--hold"] if hold else []), env=DEBUG
+        ) as px,
     ):
         addr = addr_of(family, px)
         with trio.fail_after(TIMEOUT):
-            await fetch_cookie(netns, family, addr, 99, preamble, up_preamble=b"")
+            warm, _ = await cookie_connection(netns, family, addr, 99, preamble)
+            if not hold:
+                await finish(warm, 99, b"", 10, b"")
             before = netstat(netns, "TCPFastOpenPassive")
-            sock, info = await trio.to_thread.run_sync(tfo_connect, netns, family, addr, stream)
-            assert_rode_in_syn(info, stream)
+            sock = await tfo_connect(netns, family, addr, stream)
             port = sock.getsockname()[1]
+            if hold:
+                await trio.sleep(0.3)
+                assert (await px.command("go"))["ok"]
+                await finish(warm, 99, b"", 10, b"")
             with trio.fail_after(10):
-                await finish(
-                    trio.socket.from_stdlib_socket(sock), conn_id, b"", down_size, b"", half_close_first=False
-                )
+                await finish(sock, conn_id, b"", down_size, b"", half_close_first=False)
             stats = await px.wait_idle()
         assert netstat(netns, "TCPFastOpenPassive") == before + 1
         # The request is all in the SYN: with ``connect`` the kernel takes it (the splice is requested
