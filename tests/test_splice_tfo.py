@@ -20,20 +20,27 @@ Helpers (upstream server, proxy process, patterns) come from test_splice.py.
 from __future__ import annotations
 
 import functools
+import os
 import random
 import re
 import socket
 import struct
+import subprocess
+import time
 from typing import Any
 
 import pytest
 import trio
 from _harness import NetNS
 from test_splice import (
+    _ACK,
+    _FIN,
+    _SYN,
     HEADER,
     MAGIC,
     TIMEOUT,
     ProxyProcess,
+    _RawTcp,
     assert_clean,
     pattern,
     proxy_process,
@@ -41,6 +48,8 @@ from test_splice import (
     skip_preamble,
     upstream_server,
 )
+
+import sockpolicy.progs
 
 pytestmark = pytest.mark.privileged
 
@@ -364,5 +373,134 @@ async def test_fastopen_syn_data_alone_gets_its_answer(
         if policy == "connect":
             assert slot_counters(px.stderr())[port, "client"]["redirected"] == len(stream)
     assert up.errors == [] and up.results == {99: 10, conn_id: up_size}
+    assert_clean(stats)
+    assert_seq_tracking_clean(stats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# accept() before the handshake ends: a hand-made client that withholds its ACK of the SYN-ACK
+
+
+class _TfoRawTcp(_RawTcp):
+    """:class:`test_splice._RawTcp` whose SYN carries data, and that keeps the first SYN-ACK's sequence
+    number (a retransmitted SYN-ACK must not rewind ``rcv_nxt``)."""
+
+    synack_ack: int | None = None
+
+    def poll(self, timeout: float) -> tuple[int, int] | None:
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                packet = self.sock.recv(70000)
+            except TimeoutError:
+                return None
+            tcp = packet[(packet[0] & 0x0F) * 4 :]
+            sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", tcp)
+            if sport != self.dst[1] or dport != self.port:
+                continue
+            payload = tcp[(off >> 4) * 4 :]
+            if flags & _SYN:
+                if self.synack_ack is None:
+                    self.synack_ack = ack
+                    self.rcv_nxt = (seq + 1) & 0xFFFFFFFF
+            elif seq == self.rcv_nxt:
+                self.received += payload
+                self.rcv_nxt = (seq + len(payload) + (flags & _FIN)) & 0xFFFFFFFF
+                self.fin = self.fin or bool(flags & _FIN)
+            return flags, seq
+
+
+def drop_kernel_resets(netns: NetNS) -> None:
+    """The raw client's kernel has no socket for its port: keep it from resetting what the proxy sends
+    (progs/test_drop_rst.bpf.c on the namespace's ``lo`` egress)."""
+    subprocess.run(["tc", "-n", netns.name, "qdisc", "add", "dev", "lo", "clsact"], check=True)
+    prog = os.path.join(os.path.dirname(sockpolicy.progs.__file__), "test_drop_rst.bpf.o")
+    filt = [
+        "tc",
+        "-n",
+        netns.name,
+        "filter",
+        "add",
+        "dev",
+        "lo",
+        "egress",
+        "bpf",
+        "da",
+        "obj",
+        prog,
+        "sec",
+        "tc",
+    ]
+    subprocess.run(filt, check=True)
+
+
+@pytest.mark.parametrize("policy", ["connect", "message"])
+async def test_fastopen_accepted_and_spliced_before_the_handshake_ends(netns: NetNS, policy: str) -> None:
+    """The proxy accepts a TFO socket still in SYN_RECV, claims its slot, splices, and the answer to the
+    SYN's request reaches the client before the client has acknowledged the SYN-ACK.
+
+    A hand-made client (raw socket; the namespace accepts SYN data without a cookie, 0x200) sends its
+    whole request (preamble, header, 300 bytes) in the SYN and withholds its ACK until it has received
+    the first bytes of the upstream's 20 kB answer: the upstream speaks only after reading the request,
+    so those bytes prove that the SYN's data went through the accepted socket's verdict and the splice
+    while the handshake was unfinished.  Then it ACKs, reads the rest and closes with a FIN; the answer
+    must be byte-exact, the proxy's FIN must come after its last byte (the drain check calibrated its
+    base while the socket was in SYN_RECV), and each byte of the request is judged once.
+    """
+    drop_kernel_resets(netns)
+    assert netns.sysctl("net.ipv4.tcp_fastopen", 0x203) == str(0x203)
+    preamble = preamble_for(policy)
+    conn_id, up_size, down_size = 400, 300, 20_000
+    stream = client_stream(conn_id, preamble, up_size, down_size)
+    port = 41235
+    async with (
+        upstream_server(netns, preamble=b"") as up,
+        proxy_process(netns, up, "--policy", policy, "--fastopen", "64", env=DEBUG) as px,
+    ):
+        before = netstat(netns, "TCPFastOpenPassive")
+        raw = netns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
+
+        def client() -> int:
+            with raw:
+                tcp = _TfoRawTcp(raw, port, px.addr)
+                tcp.send(tcp.isn, _SYN, stream)
+                while (got := tcp.poll(5)) is not None and not got[0] & _SYN:
+                    pass
+                assert got is not None, "no SYN-ACK"
+                assert tcp.synack_ack == (tcp.isn + 1 + len(stream)) & 0xFFFFFFFF, (
+                    "the SYN's data was not accepted"
+                )
+                deadline = time.monotonic() + 0.9  # before the SYN-ACK's first retransmission (1 s)
+                while not tcp.received and (left := deadline - time.monotonic()) > 0:
+                    tcp.poll(left)
+                early = len(tcp.received)
+                tcp.sent = len(stream)
+                tcp.send(tcp.isn + 1 + tcp.sent, _ACK)  # the handshake ends only now
+                while len(tcp.received) < down_size:
+                    if tcp.poll(5) is None:
+                        break
+                    tcp.send(tcp.isn + 1 + tcp.sent, _ACK)
+                assert bytes(tcp.received) == pattern(conn_id, 1, 0, down_size), (
+                    len(tcp.received),
+                    down_size,
+                )
+                tcp.send(tcp.isn + 1 + tcp.sent, _ACK | _FIN)
+                tcp.sent += 1
+                tcp.ack_until_fin(10)
+                assert tcp.fin, "the proxy never closed its side"
+                assert bytes(tcp.received) == pattern(conn_id, 1, 0, down_size), "bytes after the answer"
+                return early
+
+        with trio.fail_after(TIMEOUT):
+            try:
+                early = await trio.to_thread.run_sync(client)
+            except AssertionError as exc:
+                closing = [line for line in px.stderr().splitlines() if "closing" in line]
+                raise AssertionError(f"{exc}; proxy: {closing}; upstream: {up.errors}") from None
+            stats = await px.wait_idle()
+        assert early > 0, "no answer before the client's ACK: the proxy did not serve the SYN_RECV socket"
+        assert netstat(netns, "TCPFastOpenPassive") == before + 1
+        assert_judged_once(px, {port: len(stream)}, {port: "upstream"})
+    assert up.errors == [] and up.results == {conn_id: up_size}, (up.errors, up.results)
     assert_clean(stats)
     assert_seq_tracking_clean(stats)
