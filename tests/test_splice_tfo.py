@@ -27,10 +27,14 @@ import socket
 import struct
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import test_splice_cli as cli
 import trio
+from _e2e import sockpolicy as run_sockpolicy
+from _e2e import stop
 from _harness import NetNS
 from test_splice import (
     _ACK,
@@ -90,12 +94,12 @@ def client_stream(conn_id: int, preamble: bytes, up_size: int, down_size: int) -
     return preamble + HEADER.pack(MAGIC, conn_id, up_size, down_size) + pattern(conn_id, 0, 0, up_size)
 
 
-async def tfo_connect(
+def open_tfo(
     netns: NetNS, family: int, addr: tuple[Any, ...], syn: bytes, *, in_syn: bool = True
-) -> trio.socket.SocketType:
-    """A client socket (created in ``netns``) whose first ``send()`` of ``syn`` opened the connection
-    (``TCP_FASTOPEN_CONNECT``: ``connect()`` sends nothing; the send puts the data into the SYN when a
-    cookie is cached, else asks for one).  ``in_syn``: the client's TCP_INFO, right after that send
+) -> socket.socket:
+    """A blocking client socket (created in ``netns``) whose first ``send()`` of ``syn`` opened the
+    connection (``TCP_FASTOPEN_CONNECT``: ``connect()`` sends nothing; the send puts the data into the SYN
+    when a cookie is cached, else asks for one).  ``in_syn``: the client's TCP_INFO, right after that send
     returned (blocking, so the handshake is over), must show that the whole of ``syn`` rode in the SYN
     and was acknowledged by the SYN-ACK (:func:`assert_rode_in_syn`); else that none did."""
 
@@ -117,7 +121,15 @@ async def tfo_connect(
             sock.close()
             raise
 
-    return trio.socket.from_stdlib_socket(await netns.acall(go))
+    return netns.call(go)
+
+
+async def tfo_connect(
+    netns: NetNS, family: int, addr: tuple[Any, ...], syn: bytes, *, in_syn: bool = True
+) -> trio.socket.SocketType:
+    """:func:`open_tfo` as a trio socket."""
+    sock = await trio.to_thread.run_sync(functools.partial(open_tfo, netns, family, addr, syn, in_syn=in_syn))
+    return trio.socket.from_stdlib_socket(sock)
 
 
 def assert_rode_in_syn(info: bytes, syn: bytes) -> None:
@@ -504,3 +516,51 @@ async def test_fastopen_accepted_and_spliced_before_the_handshake_ends(netns: Ne
     assert up.errors == [] and up.results == {conn_id: up_size}, (up.errors, up.results)
     assert_clean(stats)
     assert_seq_tracking_clean(stats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sockpolicy serve --splice
+
+
+def test_serve_splice_fastopen_client(netns: NetNS, tmp_path: Path) -> None:
+    """(d) ``sockpolicy serve --splice`` (steered by the dispatcher, echo upstream): a client whose first
+    1000 bytes ride in its SYN, then 4 MB each way at once, byte-exact, spliced, nothing relayed in
+    userspace.  serve does not set ``TCP_FASTOPEN`` on its listeners: the namespace enables Fast Open
+    on every listener instead (``net.ipv4.tcp_fastopen`` bit 0x400, docs/splice.md)."""
+    assert netns.sysctl("net.ipv4.tcp_fastopen", 0x403) == str(0x403)
+    netns.sysctl("net.ipv4.tcp_fastopen_key", KEY)
+    up = cli.EchoUpstream(netns)
+    log = tmp_path / "serve.log"
+    proc = cli.start(netns, log, *cli.serve_args(up, "--metrics", "127.0.0.1:9464"))
+    try:
+        # The first connection asks for a cookie (and waits for serve to listen).
+        warm = cli.wait_for(
+            "serve", lambda: _try(lambda: open_tfo(netns, socket.AF_INET, cli.PROXY, b"x" * 10, in_syn=False))
+        )
+        with warm:
+            assert cli.exchange(warm, b"", end=True) == b"x" * 10
+        before = netstat(netns, "TCPFastOpenPassive")
+        data = cli.pattern(7)
+        with open_tfo(netns, socket.AF_INET, cli.PROXY, data[:1000]) as sock:
+            assert cli.exchange(sock, data[1000:], end=True) == data
+        assert netstat(netns, "TCPFastOpenPassive") == before + 1
+        spliced = cli.wait_for(
+            "bytes_spliced", lambda: cli.metric(netns, 9464, "sockpolicy_bytes_spliced_total")
+        )
+        assert 0 < spliced <= 2 * len(data) + 2 * 10  # and the first connection: 10 bytes each way
+    finally:
+        code, _ = stop(proc)
+        run_sockpolicy(netns, "unload")
+        up.close()
+    text = log.read_text()
+    assert code == 0, text
+    assert re.search(r"splice: 2 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace", text), text
+    assert "Traceback" not in text
+
+
+def _try(fn: Any) -> Any:
+    """``fn()``, or ``None`` if it raised ``OSError`` (not listening yet)."""
+    try:
+        return fn()
+    except OSError:
+        return None
