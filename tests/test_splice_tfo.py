@@ -39,6 +39,7 @@ from _harness import NetNS
 from test_splice import (
     _ACK,
     _FIN,
+    _PSH,
     _SYN,
     HEADER,
     MAGIC,
@@ -564,3 +565,68 @@ def _try(fn: Any) -> Any:
         return fn()
     except OSError:
         return None
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["at-once", "hold"])
+async def test_fastopen_retransmission_overlapping_the_syn_data(netns: NetNS, hold: bool) -> None:
+    """A segment that repeats the end of the SYN's data and carries new bytes (TCP queues it whole) is
+    trimmed by the verdict to its new part: its sequence tracking starts after the SYN's data.
+
+    A hand-made client sends [0, 1000) in its SYN (accepted without a cookie, 0x200), then [500, 3000),
+    then the rest with a FIN.  ``hold``: all of it is queued before ``accept()``, so the verdict first
+    meets the SYN's skb and the overlapping one together, at the relay's first read.  The upstream must
+    get each byte once, and the verdict must have trimmed exactly one skb.
+    """
+    drop_kernel_resets(netns)
+    netns.sysctl("net.ipv4.tcp_fastopen", 0x203)
+    conn_id, size = 500, 5000
+    stream = client_stream(conn_id, b"PRE\n", size, 0)
+    port = 41236
+    async with (
+        upstream_server(netns) as up,
+        proxy_process(
+            netns, up, "--policy", "connect", "--fastopen", "64", *(["--hold"] if hold else [])
+        ) as px,
+    ):
+        raw = netns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
+        sent = trio.Event()
+
+        def client() -> None:
+            with raw:
+                tcp = _TfoRawTcp(raw, port, px.addr)
+                tcp.send(tcp.isn, _SYN, stream[:1000])
+                while (got := tcp.poll(5)) is not None and not got[0] & _SYN:
+                    pass
+                assert got is not None, "no SYN-ACK"
+                assert tcp.synack_ack == (tcp.isn + 1001) & 0xFFFFFFFF, "the SYN's data was not accepted"
+                tcp.send(tcp.isn + 1001, _ACK)
+                time.sleep(0.1)
+                tcp.data(500, stream[500:3000])
+                time.sleep(0.1)
+                tcp.sent = len(stream)
+                tcp.data(3000, stream[3000:], _ACK | _PSH | _FIN)
+                tcp.sent += 1
+                trio.from_thread.run_sync(sent.set)
+                tcp.ack_until_fin(10)
+                assert tcp.fin, "the proxy never closed its side"
+                assert bytes(tcp.received) == b"PRE\n", tcp.received
+
+        async def go() -> None:
+            await sent.wait()
+            await trio.sleep(0.2)
+            assert (await px.command("go"))["ok"]
+
+        with trio.fail_after(TIMEOUT):
+            try:
+                async with trio.open_nursery() as nursery:
+                    if hold:
+                        nursery.start_soon(go)
+                    await trio.to_thread.run_sync(client)
+            except* AssertionError as group:
+                closing = [line for line in px.stderr().splitlines() if "closing" in line]
+                raise AssertionError(f"{group.exceptions}; proxy: {closing}; upstream: {up.errors}") from None
+            stats = await px.wait_idle()
+    assert up.errors == [] and up.results == {conn_id: size}, (up.errors, up.results)
+    assert_clean(stats)
+    kernel = stats["kernel"]
+    assert kernel["old_trimmed"] == 1 and kernel["trim_failed"] == 0 and kernel["seq_unknown"] == 0, kernel
