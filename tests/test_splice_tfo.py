@@ -585,7 +585,7 @@ async def test_fastopen_retransmission_overlapping_the_syn_data(netns: NetNS, ho
     async with (
         upstream_server(netns) as up,
         proxy_process(
-            netns, up, "--policy", "connect", "--fastopen", "64", *(["--hold"] if hold else [])
+            netns, up, "--policy", "connect", "--fastopen", "64", *(["--hold"] if hold else []), env=DEBUG
         ) as px,
     ):
         raw = netns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
@@ -626,6 +626,7 @@ async def test_fastopen_retransmission_overlapping_the_syn_data(netns: NetNS, ho
                 closing = [line for line in px.stderr().splitlines() if "closing" in line]
                 raise AssertionError(f"{group.exceptions}; proxy: {closing}; upstream: {up.errors}") from None
             stats = await px.wait_idle()
+        assert_judged_once(px, {port: len(stream)}, {})  # the repeated 500 bytes count in `old` only
     assert up.errors == [] and up.results == {conn_id: size}, (up.errors, up.results)
     assert_clean(stats)
     kernel = stats["kernel"]
