@@ -53,8 +53,10 @@ from test_splice import (
     skip_preamble,
     upstream_server,
 )
+from test_splice_rules import echo_upstream, pinned_rules, recv_exact, wait_count
 
 import sockpolicy.progs
+from sockpolicy._rules import Rule, RuleSet
 
 pytestmark = pytest.mark.privileged
 
@@ -208,15 +210,15 @@ async def finish(
 
 _SLOT_LINE = re.compile(
     r"<Connection #\d+ tcp \S+:(\d+) -> .*?: (client|upstream) mode=(\d+) passed=(\d+) forwarded=(\d+) "
-    r"redirected=(\d+)"
+    r"redirected=(\d+) written=(\d+) throttles=(\d+) dropped=(\d+) old=(\d+)"
 )
+_SLOT_NAMES = ("mode", "passed", "forwarded", "redirected", "written", "throttles", "dropped", "old")
 
 
 def slot_counters(log: str) -> dict[tuple[int, str], dict[str, int]]:
     """The slot counters the relay logs (debug) when it releases a connection, by (client port, side)."""
-    names = ("mode", "passed", "forwarded", "redirected")
     return {
-        (int(m[1]), m[2]): dict(zip(names, map(int, m.groups()[2:]), strict=True))
+        (int(m[1]), m[2]): dict(zip(_SLOT_NAMES, map(int, m.groups()[2:]), strict=True))
         for m in _SLOT_LINE.finditer(log)
     }
 
@@ -627,7 +629,61 @@ async def test_fastopen_retransmission_overlapping_the_syn_data(netns: NetNS, ho
                 raise AssertionError(f"{group.exceptions}; proxy: {closing}; upstream: {up.errors}") from None
             stats = await px.wait_idle()
         assert_judged_once(px, {port: len(stream)}, {})  # the repeated 500 bytes count in `old` only
+        assert slot_counters(px.stderr())[port, "client"]["old"] == 500
     assert up.errors == [] and up.results == {conn_id: size}, (up.errors, up.results)
     assert_clean(stats)
     kernel = stats["kernel"]
     assert kernel["old_trimmed"] == 1 and kernel["trim_failed"] == 0 and kernel["seq_unknown"] == 0, kernel
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernel rules: the SYN's skb is one message like any other
+
+
+async def test_fastopen_syn_message_judged_by_kernel_rules(netns: NetNS) -> None:
+    """With kernel rules pinned, the SYN's skb is judged like any received skb: a SYN whose data matches
+    a Drop rule loses exactly that message (counted in the slot's ``dropped``), one whose data matches
+    nothing is relayed, and the rules count every received byte once per receiving socket."""
+    enable_fastopen(netns)
+    rules = RuleSet((Rule("Drop", name="no-drop", prefix=b"DROP"),))
+    dropped, kept = b"DROP in the syn\n", b"kept in the syn\n"
+    after = [b"after %d\n" % i for i in range(3)]
+    async with echo_upstream(netns) as up:
+        with pinned_rules(netns, rules) as enforcer:
+            async with proxy_process(netns, up, "--policy", "connect", "--fastopen", "64", env=DEBUG) as px:  # type: ignore[arg-type]
+                assert "splice: kernel rules apply" in px.stderr()
+                with trio.fail_after(TIMEOUT):
+                    sock = await tfo_connect(netns, socket.AF_INET, px.addr, b"hi\n", in_syn=False)
+                    with sock:
+                        assert await recv_exact(sock, 3) == b"hi\n"
+                        sock.shutdown(socket.SHUT_WR)
+                        assert await sock.recv(1) == b""
+                    sent = {}
+                    for syn in (dropped, kept):
+                        sock = await tfo_connect(netns, socket.AF_INET, px.addr, syn)
+                        sent[sock.getsockname()[1]] = len(syn) + sum(map(len, after))
+                        with sock:
+                            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                            if syn == dropped:
+                                await wait_count(enforcer, "no-drop", 1)
+                            else:
+                                assert await recv_exact(sock, len(syn)) == syn
+                            for line in after:  # one message at a time, each echoed before the next
+                                await sock.send(line)
+                                assert await recv_exact(sock, len(line)) == line
+                            sock.shutdown(socket.SHUT_WR)
+                            assert await sock.recv(1) == b"", "bytes after the last echo"
+                    stats = await px.wait_idle()
+                slots = slot_counters(px.stderr())
+            final = enforcer.stats()
+    assert_clean(stats)
+    assert sorted(up.received) == sorted([b"hi\n", b"".join(after), kept + b"".join(after)])
+    dropped_port = next(iter(sent))
+    assert slots[dropped_port, "client"]["dropped"] == len(dropped), slots
+    for port, size in sent.items():
+        c = slots[port, "client"]
+        assert c["passed"] + c["redirected"] + c["dropped"] == size, (port, c)
+    assert stats["kernel"]["rule_dropped"] == 1, stats["kernel"]
+    assert (final["no-drop"].msgs, final["no-drop"].bytes) == (1, len(dropped))
+    received = 2 * 3 + sum(sent.values()) + sum(sent.values()) - len(dropped)  # client side + echoes
+    assert final["no-drop"].bytes + final.unmatched.bytes == received, final.to_dict()
