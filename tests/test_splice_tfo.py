@@ -368,15 +368,16 @@ async def test_fastopen_syn_data_alone_gets_its_answer(
         addr = addr_of(family, px)
         with trio.fail_after(TIMEOUT):
             warm, _ = await cookie_connection(netns, family, addr, 99, preamble)
-            if not hold:
-                await finish(warm, 99, b"", 10, b"")
-            before = netstat(netns, "TCPFastOpenPassive")
-            sock = await tfo_connect(netns, family, addr, stream)
-            port = sock.getsockname()[1]
-            if hold:
-                await trio.sleep(0.3)
-                assert (await px.command("go"))["ok"]
-                await finish(warm, 99, b"", 10, b"")
+            with warm:  # closed here too if anything below fails (finish() closes it otherwise)
+                if not hold:
+                    await finish(warm, 99, b"", 10, b"")
+                before = netstat(netns, "TCPFastOpenPassive")
+                sock = await tfo_connect(netns, family, addr, stream)
+                port = sock.getsockname()[1]
+                if hold:
+                    await trio.sleep(0.3)
+                    assert (await px.command("go"))["ok"]
+                    await finish(warm, 99, b"", 10, b"")
             with trio.fail_after(10):
                 await finish(sock, conn_id, b"", down_size, b"", half_close_first=False)
             stats = await px.wait_idle()
