@@ -7,12 +7,14 @@ so no verdict runs on them at that point.  These tests check that those bytes st
 exactly once, in order, and that the slot's verdict counted each received byte once (docs/splice.md,
 "TCP Fast Open").
 
-Each test proves that the data really rode in the SYN, or fails: the client's ``TCP_INFO`` must show
-``TCPI_OPT_SYN_DATA`` (the server acknowledged the SYN's data with its SYN-ACK) and exactly the SYN
-payload sent before anything else, and the namespace's ``TCPFastOpenPassive`` counter must have grown by
-one per connection.  ``net.ipv4.tcp_fastopen`` is per network namespace: each test sets it to 3 (client
-and server) with a fixed server key inside its own namespace, fetches a cookie with one plain
-connection first, and the proxy's listener has ``TCP_FASTOPEN`` (``--fastopen``).
+Each test proves that the data really rode in the SYN, or fails.  Kernel clients: their ``TCP_INFO``
+must show ``TCPI_OPT_SYN_DATA`` (the server acknowledged the SYN's data with its SYN-ACK) and exactly
+the SYN payload sent before anything else, and the namespace's ``TCPFastOpenPassive`` counter must have
+grown by one per connection; hand-made clients (raw socket) check that the SYN-ACK acknowledges their
+SYN's data.  ``net.ipv4.tcp_fastopen`` is per network namespace and each test sets it in its own: 3
+(client and server) with a fixed key, a first connection fetching the cookie; 0x203 for the hand-made
+clients (no cookie needed); 0x403 for ``sockpolicy serve``, whose listeners have no ``TCP_FASTOPEN``.
+The test proxy's listener has ``TCP_FASTOPEN`` (``--fastopen``).
 
 Helpers (upstream server, proxy process, patterns) come from test_splice.py.
 """
