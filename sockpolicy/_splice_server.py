@@ -10,6 +10,8 @@ it cannot), listens on ``--listen`` (default 127.0.0.1; an IPv6 address listens 
 dual-stack: IPv4 clients arrive as v4-mapped addresses) and prints one JSON line
 ``{"port": ..., "splice": null | "reason"}``.  ``--upstream`` takes ``HOST:PORT`` or ``[V6]:PORT``.
 With ``--hold`` it accepts nothing until it reads ``go`` (clients can then send before ``accept()``).
+``--fastopen QLEN`` sets ``TCP_FASTOPEN`` on the listener, so that clients with a cookie put data into
+their SYN (the namespace's ``net.ipv4.tcp_fastopen`` must allow the server side: bit 2).
 Commands on stdin, one per line, each answered with one JSON line: ``go``, ``stats``, ``sweep``,
 ``midwrite`` (a restart's hand-over, to this same process, of a connection whose relay is suspended in
 the middle of writing a chunk: :func:`_hand_over_mid_write`), ``quit``.
@@ -101,6 +103,9 @@ async def _main(args: argparse.Namespace) -> None:
         listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if args.listen == "::" else 1)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.listen, 0))
+    if args.fastopen:
+        # Before listen(): the queue of connections whose SYN data is accepted before the handshake ends.
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, args.fastopen)
     listener.listen(4096)
     host, port = args.upstream.rsplit(":", 1)
     host = host.removeprefix("[").removesuffix("]")
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--switch-pause", type=float, default=0.0, help="pause the switch (seconds)")
     parser.add_argument("--backlog-high", type=int, default=4 << 20)
     parser.add_argument("--backlog-low", type=int, default=1 << 20)
+    parser.add_argument("--fastopen", type=int, default=0, help="TCP_FASTOPEN queue length on the listener")
     parser.add_argument("--idle-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("SOCKPOLICY_LOG", "WARNING"), stream=sys.stderr)
