@@ -25,6 +25,12 @@ takes over with ``BPF_LINK_UPDATE``) and its splice maps (``"splice"`` in the re
 If the successor answers ``{"op": "adopted", "splice": true}``, the server hands over its fully spliced
 connections: ``{"status": "bye", "spliced": [...]}`` followed by two socket fds per connection.
 
+A successor also says how many workers it has (``"workers": M``); a ``--workers`` server splices with one
+splicer per worker and offers them only to a successor that says so: ``"splice"`` in its reply then has
+``"units"``, one per worker (its cgroup, whether its link follows, the pids whose maps follow).  Every
+socket's metadata names the splice cgroup it was created in (``"cgroup"``, ``null`` if none), so that a
+successor serves each adopted listening socket in the worker whose splicer enrols that cgroup.
+
 Besides the socket, a small state file ``serve-<label>.json`` in the same directory records the bindings
 a ``serve`` added, so that a ``serve`` started after its predecessor was killed (SIGKILL, OOM) takes over
 their ownership and removes them when it stops.
@@ -148,13 +154,17 @@ class Offer:
     splice: dict[str, Any] | None = None
     #: the SOCK_OPS link fd (if ``splice["link"]``), then the maps of each splicer in ``splice["pids"]``
     splice_fds: list[int] = field(default_factory=list)
+    #: the splice cgroup each socket was created in (``None``: none, or not known), same order as sockets
+    cgroups: list[str | None] = field(default_factory=list)
+    #: fds of ``splice_fds`` that are this offer's own (received from a worker): closed once sent
+    owned_fds: list[int] = field(default_factory=list)
 
 
 class HandoffServer:
     """Answers handoff requests for one label in a thread (so it works with and without trio).
 
-    :param offer: called when a successor asks while we are stopping, with whether it splices; returns
-        the :class:`Offer`.
+    :param offer: called when a successor asks while we are stopping, with whether it splices and its
+        worker count (``None``: it did not say); returns the :class:`Offer`.
     :param request_stop: called for a ``takeover`` request while we are running (sends us SIGTERM).
     :param hand_over_spliced: called once a splicing successor has adopted everything; returns the
         spliced connections' metadata and their socket fds (two per connection, the caller's to close).
@@ -164,7 +174,7 @@ class HandoffServer:
         self,
         directory: Path,
         label: str,
-        offer: Callable[[bool], Offer],
+        offer: Callable[[bool, int | None], Offer],
         request_stop: Callable[[], None],
         hand_over_spliced: Callable[[], tuple[list[dict[str, Any]], list[int]]] | None = None,
     ) -> None:
@@ -281,25 +291,35 @@ class HandoffServer:
             if self.expired:
                 _send(conn, {"status": "expired"})
                 return
-            self._hand_over(conn, pid, bool(request.get("splice")))
+            workers = request.get("workers")
+            workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else None
+            self._hand_over(conn, pid, bool(request.get("splice")), workers)
 
-    def _hand_over(self, conn: socket.socket, pid: int, splice: bool) -> None:
-        offer = self._offer(splice)
-        keys = [{"proto": proto, "family": version} for (proto, version), _ in offer.sockets]
-        fds = [s.fileno() for _, s in offer.sockets] + offer.splice_fds
-        _send(
-            conn,
-            {
-                "status": "ok",
-                "pid": os.getpid(),
-                "sockets": keys,
-                "added": offer.added,
-                "created": offer.created,
-                "splice": offer.splice,
-                "nsplice": len(offer.splice_fds),
-            },
-        )
-        _send_fds(conn, fds)
+    def _hand_over(self, conn: socket.socket, pid: int, splice: bool, workers: int | None = None) -> None:
+        offer = self._offer(splice, workers)
+        try:
+            cgroups = offer.cgroups or [None] * len(offer.sockets)
+            keys = [
+                {"proto": proto, "family": version, "cgroup": cgroup}
+                for ((proto, version), _), cgroup in zip(offer.sockets, cgroups, strict=True)
+            ]
+            fds = [s.fileno() for _, s in offer.sockets] + offer.splice_fds
+            _send(
+                conn,
+                {
+                    "status": "ok",
+                    "pid": os.getpid(),
+                    "sockets": keys,
+                    "added": offer.added,
+                    "created": offer.created,
+                    "splice": offer.splice,
+                    "nsplice": len(offer.splice_fds),
+                },
+            )
+            _send_fds(conn, fds)
+        finally:
+            for fd in offer.owned_fds:
+                os.close(fd)
         reply = json.loads(conn.recv(_MAX_MSG) or b"null")
         if isinstance(reply, dict) and reply.get("op") == "adopted":
             log.info("pid %d adopted %d sockets of label %r", pid, len(keys), self.label)
@@ -369,6 +389,8 @@ class Adopted:
     take_splice: bool = False
     #: filled by :meth:`confirm`: the spliced connections ``(metadata, client, upstream)`` we received
     spliced: list[tuple[dict[str, Any], socket.socket, socket.socket]] = field(default_factory=list)
+    #: the splice cgroup each socket was created in (``None``: none, or the predecessor did not say)
+    cgroups: list[str | None] = field(default_factory=list)
 
     def cookies(self) -> set[int]:
         return {socket_cookie(s) for _, s in self.sockets}
@@ -410,9 +432,17 @@ class Adopted:
 
 
 def request_handoff(
-    directory: Path, label: str, *, takeover: bool = False, splice: bool = False, timeout: float = 30
+    directory: Path,
+    label: str,
+    *,
+    takeover: bool = False,
+    splice: bool = False,
+    workers: int = 1,
+    timeout: float = 30,
 ) -> Adopted | None:
     """Ask the running ``serve`` of ``label`` for its sockets (and, with ``splice``, its splicing state).
+
+    :param workers: our worker count (a ``--workers`` predecessor offers its splicing state per worker).
 
     :returns: ``None`` if no ``serve`` of the label is listening for handoffs.
     :raises HandoffBusy: it is running and not stopping (and ``takeover`` is false).
@@ -431,7 +461,10 @@ def request_handoff(
     received: list[socket.socket] = []
     extra: list[int] = []
     try:
-        _send(conn, {"op": "handoff", "label": label, "takeover": takeover, "splice": splice})
+        _send(
+            conn,
+            {"op": "handoff", "label": label, "takeover": takeover, "splice": splice, "workers": workers},
+        )
         reply = json.loads(conn.recv(_MAX_MSG) or b"null")
         if not isinstance(reply, dict):
             raise ConnectionError("the running serve closed the handoff channel")
@@ -453,6 +486,7 @@ def request_handoff(
             conn,
             splice=reply.get("splice") if nsplice else None,
             splice_fds=extra,
+            cgroups=[k.get("cgroup") if isinstance(k.get("cgroup"), str) else None for k in keys],
         )
     except BaseException:
         for s in received:
