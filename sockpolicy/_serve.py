@@ -699,8 +699,9 @@ class Runtime:
         #: restart, by the predecessor's group index (``"splicer"`` of a handed-over connection): the splicer
         #: of this process that runs that group's connections (``--workers``: the worker's)
         self._adopted_targets: dict[int, Any] = {}
-        #: ``--workers`` restart offer: the group index of each worker's own maps
+        #: ``--workers`` restart offer: the group index of each worker's own maps, and its number of groups
         self._worker_groups: list[int] = []
+        self._worker_group_counts: list[int] = []
 
     def __enter__(self) -> Runtime:
         try:
@@ -885,8 +886,8 @@ class Runtime:
             unit.groups = []
         if dropped:
             log.warning(
-                "splice: not carried over: the SOCK_OPS attachment of cgroup %s (no splicer of this serve "
-                "enrols there; the predecessor detaches it), its maps and spliced connections are",
+                "splice: the SOCK_OPS attachment of cgroup %s is not carried over (no splicer of this serve "
+                "enrols there; the predecessor detaches it); its maps and spliced connections are",
                 ", ".join(dropped),
             )
 
@@ -1074,6 +1075,7 @@ class Runtime:
 
         units: list[dict[str, Any]] = []
         self._worker_groups = []
+        self._worker_group_counts = []
         groups = 0
         for index, splicer in enumerate(self.worker_splicers):
             pids = [self.worker_pids[index] if index < len(self.worker_pids) else os.getpid()]
@@ -1087,10 +1089,22 @@ class Runtime:
                         raise ValueError(f"{len(extra)} fds for {len(adopted_pids)} adopted splicers")
                     pids += adopted_pids
                 except (OSError, ValueError, TypeError) as exc:
-                    log.warning("splice: worker %d did not pass the maps it adopted: %s", index, exc)
+                    if isinstance(exc, ConnectionError) and not extra:
+                        # It drained and exited: its connections are gone, its maps (ours too) are empty.
+                        log.info("splice: worker %d has exited: %s", index, exc)
+                    else:
+                        log.warning(
+                            "splice: worker %d did not pass the maps it adopted (%s); "
+                            "its spliced connections drain there",
+                            index,
+                            exc,
+                        )
                     for fd in extra:
                         os.close(fd)
                     extra = []
+                    # Not asked to hand over: its groups would not match the offer's.
+                    self.worker_channels[index] = None
+                    channel.close()
             link = splicer.sockops_link()
             units.append(
                 {"cgroup": self._worker_cgroup_names()[index], "link": link is not None, "pids": pids}
@@ -1099,6 +1113,7 @@ class Runtime:
             offer.splice_fds += [m.fd for m in splicer.export_maps()] + extra
             offer.owned_fds += extra
             self._worker_groups.append(groups)
+            self._worker_group_counts.append(len(pids))
             groups += len(pids)
         offer.splice = {"units": units}
 
@@ -1171,7 +1186,10 @@ class Runtime:
                 spliced = reply.get("spliced", [])
                 if len(got) != 2 * len(spliced):
                     raise ValueError(f"{len(got)} fds for {len(spliced)} connections")
+                groups = self._worker_group_counts[index]
                 for meta in spliced:
+                    if not 0 <= int(meta["splicer"]) < groups:
+                        raise ValueError(f"group {meta['splicer']} of a connection was not offered")
                     meta["splicer"] = self._worker_groups[index] + int(meta["splicer"])
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 # A worker that exited meanwhile had nothing left (its connections ended); anything else

@@ -168,3 +168,166 @@ def test_reload_with_workers_hands_spliced_connections_to_the_successor(
     assert sum(line[1] for line in new_lines) == 0, new_lines
     assert sum(line[3] for line in new_lines) == len(streams) + 1, new_lines
     assert "Traceback" not in old_text + new_text
+
+
+SINGLE_LINE = re.compile(
+    r"splice: (\d+) connections spliced \(\d+ bytes\), (\d+) relayed in userspace; (\d+) adopted, "
+    r"(\d+) handed over; (left in the maps: socks=\d+ slot_of=\d+ owners=\d+ claimed=\d+)"
+)
+
+
+def final_lines(text: str) -> list[tuple[int, int, str, int, int]]:
+    """The last splice line of every splicer of a serve, single-process or worker, as :func:`worker_lines`."""
+    single = [(int(a), int(b), left, int(c), int(d)) for a, b, c, d, left in SINGLE_LINE.findall(text)]
+    return single + worker_lines(text)
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (3, 2)])
+def test_reload_changing_the_worker_count_carries_the_spliced_connections(
+    netns: Any, upstream: EchoUpstream, tmp_path: Path, before: int, after: int
+) -> None:
+    """A splicing reload that changes the worker count: every spliced connection still moves (any process
+    can run a group of maps), each predecessor cgroup's SOCK_OPS link goes to the successor's splicer of
+    the same cgroup if there is one, and what cannot be carried over is said in one warning line each:
+    the links of cgroups nobody here enrols, and the adopted listening sockets of such cgroups, whose
+    connections are relayed in userspace (still byte-exact).  Nothing is enrolled twice or left behind."""
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    common = ("--drain-timeout", "60")
+    old = start(netns, old_log, *serve_args(upstream, "--workers", str(before), *common))
+    new = None
+    streams: list[Stream] = []
+    try:
+        wait_for("the old serve", lambda: serving(old_log, before))
+        workers = children(old.pid) if before > 1 else [old.pid]
+        streams = spread_streams(netns, workers, per_worker=1, seed=40)
+        new = start(netns, new_log, *serve_args(upstream, "--workers", str(after), *common), command="reload")
+        wait_for("the successor", lambda: serving(new_log, after))
+        old.wait(timeout=20)  # everything was handed over: nothing left to drain
+        assert f"handed {len(streams)} spliced connections to pid {new.pid}" in old_log.read_text()
+        for stream in streams:
+            stream.progress(0.5)
+        for stream in streams:
+            stream.finish()
+            stream.sock.close()
+        for seed in range(50, 56):
+            data = pattern(seed, 256 << 10)
+            with connect(netns) as sock:
+                assert exchange(sock, data, end=True) == data
+        wait_for(
+            "the adopted maps to be released",
+            lambda: new_log.read_text().count("released the splice maps adopted from pid") == before,
+        )
+        assert new.poll() is None
+    finally:
+        for stream in streams:
+            stream.sock.close()
+        code, _ = stop(old)
+        if new is not None:
+            new_code, _ = stop(new)
+        sockpolicy(netns, "unload")
+    old_text, new_text = old_log.read_text(), new_log.read_text()
+    assert code == 0, old_text
+    assert new_code == 0, new_text
+    base = re.search(r"sockpolicy-splice-(\d+-default)", new_text)
+    assert base, new_text
+    names = [f"{base.group(1)}-w{i}" for i in range(before)] if before > 1 else [base.group(1)]
+    ours = [f"{base.group(1)}-w{i}" for i in range(after)] if after > 1 else [base.group(1)]
+    taken, dropped = [n for n in names if n in ours], [n for n in names if n not in ours]
+    assert new_text.count("took over the SOCK_OPS attachment of cgroup") == len(taken), new_text
+    warnings = [line for line in new_text.splitlines() if "WARNING" in line]
+    assert len(warnings) == 2, warnings
+    assert f"the SOCK_OPS attachment of cgroup {', '.join(dropped)} is not carried over" in warnings[0]
+    assert f"{len(dropped)} of the {before} listening sockets adopted from pid {old.pid}" in warnings[1]
+    lines = final_lines(new_text)
+    assert len(lines) == after, new_text
+    assert all(line[2] == LEFT for line in lines), lines
+    assert sum(line[3] for line in lines) == len(streams), lines  # adopted
+    assert sum(line[0] + line[1] for line in lines) == 6, lines  # the new connections
+    assert "Traceback" not in old_text + new_text
+
+
+def test_spliced_connections_through_two_reloads_with_workers(
+    netns: Any, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """Two reloads of ``--workers 2 --splice``: the second successor gets, from each worker, the maps that
+    worker adopted in the first restart as well as its own, and the connections spliced in the first
+    process still move (their slots are in the first process's maps), byte-exact to the end."""
+    logs = [tmp_path / f"serve{i}.log" for i in range(3)]
+    args = serve_args(upstream, "--workers", "2", "--drain-timeout", "60")
+    procs = [start(netns, logs[0], *args)]
+    streams: list[Stream] = []
+    try:
+        wait_for("the first serve", lambda: serving(logs[0], 2))
+        streams = spread_streams(netns, children(procs[0].pid), per_worker=1, seed=60)
+        for i in (1, 2):
+            procs.append(start(netns, logs[i], *args, command="reload"))
+            wait_for(f"successor {i}", lambda i=i: serving(logs[i], 2))
+            procs[i - 1].wait(timeout=20)
+            text = logs[i - 1].read_text()
+            assert f"handed {len(streams)} spliced connections to pid {procs[i].pid}" in text, text
+            for stream in streams:
+                stream.progress(0.5)
+        for stream in streams:
+            stream.finish()
+            stream.sock.close()
+        # Each worker of the last serve releases the two groups of maps it adopted.
+        wait_for(
+            "the adopted maps to be released",
+            lambda: logs[2].read_text().count("released the splice maps adopted from pid") == 4,
+        )
+    finally:
+        for stream in streams:
+            stream.sock.close()
+        codes = [stop(p)[0] for p in procs]
+        sockpolicy(netns, "unload")
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0, 0], texts
+    lines = worker_lines(texts[2])
+    assert len(lines) == 2, texts[2]
+    assert all(line[2] == LEFT for line in lines), lines
+    assert sum(line[3] for line in lines) == len(streams), lines
+    assert "WARNING" not in texts[1] + texts[2], texts
+    assert "Traceback" not in "".join(texts)
+
+
+def test_sigterm_then_serve_with_workers_takes_the_links_of_exited_workers(
+    netns: Any, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """SIGTERM, then a new ``serve`` within the handoff window: the old workers had nothing to drain and
+    have exited, but their parent still holds their SOCK_OPS links and maps, so the successor's workers
+    take the links over (no second program on the cgroups) and splice what the adopted listeners accept."""
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    args = serve_args(upstream, "--workers", "2")
+    old = start(netns, old_log, *args, "--handoff-timeout", "30")
+    new = None
+    try:
+        wait_for("the old workers", lambda: serving(old_log, 2))
+        workers = children(old.pid)
+        with connect(netns) as sock:
+            assert exchange(sock, b"x" * 1000, end=True) == b"x" * 1000
+        old.terminate()
+        wait_for("the old workers to exit", lambda: all(gone(pid) for pid in workers))
+        assert old.poll() is None  # the parent offers the sockets for --handoff-timeout
+        new = start(netns, new_log, *args)
+        wait_for("the successor's workers", lambda: serving(new_log, 2))
+        old.wait(timeout=20)
+        for seed in range(70, 76):
+            data = pattern(seed, 256 << 10)
+            with connect(netns) as sock:
+                assert exchange(sock, data, end=True) == data
+    finally:
+        code, _ = stop(old)
+        if new is not None:
+            new_code, _ = stop(new)
+        sockpolicy(netns, "unload")
+    old_text, new_text = old_log.read_text(), new_log.read_text()
+    assert code == 0, old_text
+    assert new_code == 0, new_text
+    assert len(re.findall(r"splice: worker \d has exited", old_text)) == 2, old_text
+    assert new_text.count("took over the SOCK_OPS attachment of cgroup") == 2, new_text
+    assert "WARNING" not in new_text, new_text
+    lines = worker_lines(new_text)
+    assert len(lines) == 2, new_text
+    assert all(line[2] == LEFT for line in lines), lines
+    assert sum(line[0] for line in lines) == 6 and sum(line[1] for line in lines) == 0, lines
+    assert "Traceback" not in old_text + new_text
