@@ -803,11 +803,15 @@ class Runtime:
         """One line if adopted listening sockets are served by a process whose splicer does not enrol their
         cgroup: what they accept is relayed in userspace."""
         ours = {id(sock) for _, sock in adopted.sockets}
+        served = 0
         foreign: list[str] = []
         for sockets, name in zip(self.socket_sets, cgroups, strict=True):
             for _, sock in sockets.items():
+                if id(sock) not in ours:
+                    continue
+                served += 1
                 cgroup = sockets.cgroup_of.get(sock)
-                if id(sock) in ours and cgroup != name:
+                if cgroup != name:
                     foreign.append(cgroup or "outside any splice cgroup")
         if foreign:
             log.warning(
@@ -815,7 +819,7 @@ class Runtime:
                 "cgroup of the process serving them (%s), so connections accepted on them are relayed in "
                 "userspace (docs/operations.md)",
                 len(foreign),
-                len(ours),
+                served,
                 adopted.pid,
                 ", ".join(sorted(set(foreign))),
             )
@@ -886,8 +890,8 @@ class Runtime:
             unit.groups = []
         if dropped:
             log.warning(
-                "splice: the SOCK_OPS attachment of cgroup %s is not carried over (no splicer of this serve "
-                "enrols there; the predecessor detaches it); its maps and spliced connections are",
+                "splice: the SOCK_OPS attachment of cgroup %s is not carried over (no splicer of this "
+                "serve enrols there; the predecessor detaches it); its maps and connections still move",
                 ", ".join(dropped),
             )
 
@@ -1691,7 +1695,8 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
 
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     old = {s: signal.signal(s, forward) for s in handled}
-    runtime.stack.callback(runtime._close_channels)
+    if runtime.worker_splicers:
+        runtime.stack.callback(runtime._close_channels)
     try:
         for index, sockets in enumerate(runtime.socket_sets):
             snapshot_sock = runtime.receiver.add_worker(index) if runtime.receiver is not None else None
