@@ -23,7 +23,9 @@ Splicing (``serve --splice``, docs/operations.md): a successor that splices says
 its request.  A splicing server then adds, after the sockets, its SOCK_OPS link (which the successor
 takes over with ``BPF_LINK_UPDATE``) and its splice maps (``"splice"`` in the reply describes them).
 If the successor answers ``{"op": "adopted", "splice": true}``, the server hands over its fully spliced
-connections: ``{"status": "bye", "spliced": [...]}`` followed by two socket fds per connection.
+connections: ``{"status": "bye", "spliced": [...]}`` followed by two socket fds per connection.  The
+answer also names the splice cgroups the successor uses (``"cgroups"``), which the server then leaves in
+place when it exits, even if no process is in them at that moment.
 
 A successor also says how many workers it has (``"workers": M``); a ``--workers`` server splices with one
 splicer per worker and offers them only to a successor that says so: ``"splice"`` in its reply then has
@@ -185,6 +187,8 @@ class HandoffServer:
         self._hand_over_spliced = hand_over_spliced
         #: the successor took our splicing state (link, maps) and so our spliced connections
         self.spliced_to: int | None = None
+        #: the splice cgroups the successor uses (names, from its ``adopted`` answer): not ours to remove
+        self.successor_cgroups: list[str] = []
         self.stopping = threading.Event()
         self.handed_off = threading.Event()
         self.expired = False
@@ -323,6 +327,9 @@ class HandoffServer:
         reply = json.loads(conn.recv(_MAX_MSG) or b"null")
         if isinstance(reply, dict) and reply.get("op") == "adopted":
             log.info("pid %d adopted %d sockets of label %r", pid, len(keys), self.label)
+            cgroups = reply.get("cgroups")
+            if isinstance(cgroups, list):
+                self.successor_cgroups = [c for c in cgroups if isinstance(c, str)]
             self.handed_off.set()
             spliced: list[dict[str, Any]] = []
             conn_fds: list[int] = []
@@ -391,6 +398,8 @@ class Adopted:
     spliced: list[tuple[dict[str, Any], socket.socket, socket.socket]] = field(default_factory=list)
     #: the splice cgroup each socket was created in (``None``: none, or the predecessor did not say)
     cgroups: list[str | None] = field(default_factory=list)
+    #: set before :meth:`confirm`: the splice cgroups we use, which the predecessor must not remove
+    splice_cgroups: list[str] = field(default_factory=list)
 
     def cookies(self) -> set[int]:
         return {socket_cookie(s) for _, s in self.sockets}
@@ -404,7 +413,7 @@ class Adopted:
 
     def _confirm(self) -> list[tuple[dict[str, Any], socket.socket, socket.socket]]:
         try:
-            _send(self._conn, {"op": "adopted", "splice": self.take_splice})
+            _send(self._conn, {"op": "adopted", "splice": self.take_splice, "cgroups": self.splice_cgroups})
             reply = json.loads(self._conn.recv(_MAX_MSG) or b"null")
             spliced = reply.get("spliced", []) if isinstance(reply, dict) else []
             fds = _recv_fds(self._conn, 2 * len(spliced)) if spliced else []

@@ -714,6 +714,14 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         if self.steer is not None and self.handoff is not None:
             self.steer.handed_off = self.handoff.handed_off.is_set()
+        if self.handoff is not None and self.handoff.handed_off.is_set():
+            # The successor's cgroups (same names) are its own now; the others we remove once empty.
+            used = set(self.handoff.successor_cgroups)
+            named = [(self.splicer, self._splice_cgroup_name())] if self.splicer is not None else []
+            if self.worker_splicers:
+                named += list(zip(self.worker_splicers, self._worker_cgroup_names(), strict=True))
+            for splicer, name in named:
+                splicer.keep_cgroup = name in used
         self.stack.close()
 
     def _setup(self) -> None:
@@ -923,6 +931,7 @@ class Runtime:
         self._adopt_units(units, [splicer], [name])
         if adopted is not None:
             adopted.take_splice = True
+            adopted.splice_cgroups = [name]
         return splicer
 
     def _open_worker_splicers(self, adopted: Adopted | None) -> list[Any]:
@@ -955,6 +964,7 @@ class Runtime:
         self._adopt_units(units, splicers, names)
         if adopted is not None:
             adopted.take_splice = True
+            adopted.splice_cgroups = names
         return splicers
 
     def _adopt_spliced(self, adopted: Adopted) -> None:

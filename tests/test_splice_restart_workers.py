@@ -49,6 +49,14 @@ def upstream(netns: Any) -> Any:
     up.close()
 
 
+def no_cgroups_left(*texts: str) -> None:
+    """Every splice cgroup the serves used (``splice: enabled (cgroup PATH)``) is gone once all stopped:
+    each was removed by the last process to use it, none left behind by a handoff."""
+    paths = {Path(p) for text in texts for p in re.findall(r"splice: enabled \(cgroup (\S+)\)", text)}
+    assert paths, texts
+    assert [p for p in paths if p.exists()] == []
+
+
 def children(pid: int) -> list[int]:
     """The worker pids of a ``serve --workers`` parent, in fork order."""
     return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
@@ -167,6 +175,7 @@ def test_reload_with_workers_hands_spliced_connections_to_the_successor(
     assert sum(line[0] for line in new_lines) == 8, new_lines  # the new connections, all spliced
     assert sum(line[1] for line in new_lines) == 0, new_lines
     assert sum(line[3] for line in new_lines) == len(streams) + 1, new_lines
+    no_cgroups_left(old_text, new_text)
     assert "Traceback" not in old_text + new_text
 
 
@@ -243,6 +252,7 @@ def test_reload_changing_the_worker_count_carries_the_spliced_connections(
     assert all(line[2] == LEFT for line in lines), lines
     assert sum(line[3] for line in lines) == len(streams), lines  # adopted
     assert sum(line[0] + line[1] for line in lines) == 6, lines  # the new connections
+    no_cgroups_left(old_text, new_text)  # also those of the predecessor that the successor did not use
     assert "Traceback" not in old_text + new_text
 
 
@@ -287,6 +297,7 @@ def test_spliced_connections_through_two_reloads_with_workers(
     assert all(line[2] == LEFT for line in lines), lines
     assert sum(line[3] for line in lines) == len(streams), lines
     assert "WARNING" not in texts[1] + texts[2], texts
+    no_cgroups_left(*texts)
     assert "Traceback" not in "".join(texts)
 
 
@@ -330,4 +341,5 @@ def test_sigterm_then_serve_with_workers_takes_the_links_of_exited_workers(
     assert len(lines) == 2, new_text
     assert all(line[2] == LEFT for line in lines), lines
     assert sum(line[0] for line in lines) == 6 and sum(line[1] for line in lines) == 0, lines
+    no_cgroups_left(old_text, new_text)
     assert "Traceback" not in old_text + new_text

@@ -355,8 +355,12 @@ class Splicer:
         #: pid of the process whose maps these are (a splicer made by :meth:`adopt`), else None
         self.adopted_from: int | None = None
         #: the maps (and so the verdict and every connection still in them) went to a successor:
-        #: :meth:`close` then leaves the verdict attached and the cgroup (same name) to the successor.
+        #: :meth:`close` then leaves the verdict attached.
         self.exported = False
+        #: a successor uses our cgroup (same name): :meth:`close` never removes it.  With ``--workers`` the
+        #: successor may have no process in it for a moment (between its parent's setup and the fork), and
+        #: removing it then would detach the SOCK_OPS link it took over.
+        self.keep_cgroup = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -536,10 +540,7 @@ class Splicer:
         if self._cgroup is not None and self._previous_cgroup is not None:
             with contextlib.suppress(OSError):
                 (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
-            if not self.exported:
-                # Exported: the successor uses the cgroup of the same name (its adopted listening sockets
-                # are in it), and with --workers it may have no process in it for a moment (between its
-                # parent's setup and the fork), when removing it would detach the link it took over.
+            if not self.keep_cgroup:
                 self._remove_cgroup()
         if self._attachment is not None:
             if not self.exported:
