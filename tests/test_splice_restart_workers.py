@@ -62,6 +62,12 @@ def children(pid: int) -> list[int]:
     return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
 
+def held(pid: int) -> tuple[list[str], int]:
+    """What a process holds: its fds, and how many BPF maps it has mmapped (an mmap keeps a map alive)."""
+    mapped = sum(1 for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "bpf-map" in line)
+    return fds_of(pid), mapped
+
+
 def sockets_of(pid: int) -> int:
     return sum(1 for target in fds_of(pid) if target.startswith("socket:"))
 
@@ -109,7 +115,7 @@ def test_reload_with_workers_hands_spliced_connections_to_the_successor(
         wait_for("the old workers", lambda: serving(old_log, 2))
         old_workers = children(old.pid)
         assert len(old_workers) == 2
-        baseline = [fds_of(pid) for pid in [old.pid, *old_workers]]
+        baseline = [held(pid) for pid in [old.pid, *old_workers]]
         streams = spread_streams(netns, old_workers, per_worker=2, seed=20)
         for stream in streams:
             stream.progress(0.2)
@@ -142,10 +148,11 @@ def test_reload_with_workers_hands_spliced_connections_to_the_successor(
             "both adopted groups of maps to be released",
             lambda: new_log.read_text().count("released the splice maps adopted from pid") == 2,
         )
-        # No fd leak: the successor's processes hold what the old ones held before the connections.
+        # No fd or mmap leak: the successor's processes hold what the old ones held before the connections
+        # (the parent: every worker's maps; a worker: its own only).
         wait_for(
             "the successor's fds",
-            lambda: [fds_of(pid) for pid in [new.pid, *new_workers]] == baseline,
+            lambda: [held(pid) for pid in [new.pid, *new_workers]] == baseline,
             timeout=5,
         )
         assert new.poll() is None
