@@ -71,6 +71,9 @@ log = logging.getLogger("sockpolicy.handoff")
 
 DEFAULT_RUN_DIR = "/run/sockpolicy"
 FDS_PER_MESSAGE = 200  # the kernel accepts at most SCM_MAX_FD (253) fds per message
+#: spliced connections per metadata message: a SOCK_SEQPACKET message must fit the sender's send buffer
+#: (212992 bytes by default, else EMSGSIZE), and one connection's metadata takes up to about 130 bytes
+LIST_CHUNK = 1000
 _MAX_MSG = 1 << 20
 SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
@@ -337,7 +340,7 @@ class HandoffServer:
                 self.spliced_to = pid
                 spliced, conn_fds = self._hand_over_spliced()
             try:
-                _send(conn, {"status": "bye", "spliced": spliced})
+                _send_listed(conn, {"status": "bye"}, "spliced", spliced)
                 _send_fds(conn, conn_fds)
             finally:
                 for fd in conn_fds:
@@ -350,6 +353,30 @@ class HandoffServer:
 
 def _send(conn: socket.socket, doc: dict[str, Any]) -> None:
     conn.sendall(json.dumps(doc).encode())
+
+
+def _send_listed(conn: socket.socket, doc: dict[str, Any], key: str, items: list[Any]) -> None:
+    """Send ``doc`` with ``items`` as its ``key``, split over ``1 + doc["more"]`` messages of at most
+    :data:`LIST_CHUNK` items (:func:`_recv_listed` joins them)."""
+    chunks = [items[start : start + LIST_CHUNK] for start in range(0, len(items), LIST_CHUNK)] or [[]]
+    _send(conn, {**doc, key: chunks[0], "more": len(chunks) - 1})
+    for chunk in chunks[1:]:
+        _send(conn, {key: chunk})
+
+
+def _recv_listed(conn: socket.socket, key: str) -> tuple[Any, list[Any]]:
+    """Receive what :func:`_send_listed` sent: the first message (``None`` if the channel closed) and the
+    whole list under ``key``."""
+    doc = json.loads(conn.recv(_MAX_MSG) or b"null")
+    if not isinstance(doc, dict):
+        return doc, []
+    items = list(doc.get(key) or [])
+    for _ in range(int(doc.get("more", 0))):
+        part = json.loads(conn.recv(_MAX_MSG) or b"null")
+        if not isinstance(part, dict):
+            raise ConnectionError("the handoff channel closed in the middle of a list")
+        items += part.get(key) or []
+    return doc, items
 
 
 def _send_fds(conn: socket.socket, fds: list[int]) -> None:
@@ -414,8 +441,7 @@ class Adopted:
     def _confirm(self) -> list[tuple[dict[str, Any], socket.socket, socket.socket]]:
         try:
             _send(self._conn, {"op": "adopted", "splice": self.take_splice, "cgroups": self.splice_cgroups})
-            reply = json.loads(self._conn.recv(_MAX_MSG) or b"null")
-            spliced = reply.get("spliced", []) if isinstance(reply, dict) else []
+            _, spliced = _recv_listed(self._conn, "spliced")
             fds = _recv_fds(self._conn, 2 * len(spliced)) if spliced else []
         except (OSError, ValueError) as exc:
             # The bindings are ours already (the predecessor set handed_off before answering).

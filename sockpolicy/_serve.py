@@ -1434,18 +1434,29 @@ def _ask_worker(
 
 
 def _worker_reply(channel: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    from ._handoff import _recv_fds
+    from ._handoff import _recv_fds, _recv_listed
 
-    reply = json.loads(channel.recv(_CHANNEL_MSG) or b"null")
+    reply, spliced = _recv_listed(channel, "spliced")
     if not isinstance(reply, dict):
         raise ConnectionError("the worker closed its channel (it has exited)")
+    reply["spliced"] = spliced
     return reply, _recv_fds(channel, int(reply.get("nfds", 0)))
 
 
-async def _send_to_parent(sock: trio.socket.SocketType, doc: dict[str, Any], fds: list[int]) -> None:
-    from ._handoff import FDS_PER_MESSAGE
+async def _send_to_parent(
+    sock: trio.socket.SocketType, doc: dict[str, Any], fds: list[int], spliced: list[Any] | None = None
+) -> None:
+    """``doc``, then ``spliced`` in chunks (as :func:`sockpolicy._handoff._recv_listed` expects), then
+    ``fds``."""
+    from ._handoff import FDS_PER_MESSAGE, LIST_CHUNK
 
-    await sock.send(json.dumps({**doc, "nfds": len(fds)}).encode())
+    items = spliced or []
+    chunks = [items[start : start + LIST_CHUNK] for start in range(0, len(items), LIST_CHUNK)] or [[]]
+    await sock.send(
+        json.dumps({**doc, "spliced": chunks[0], "more": len(chunks) - 1, "nfds": len(fds)}).encode()
+    )
+    for chunk in chunks[1:]:
+        await sock.send(json.dumps({"spliced": chunk}).encode())
     for start in range(0, len(fds), FDS_PER_MESSAGE):
         chunk = array.array("i", fds[start : start + FDS_PER_MESSAGE])
         await sock.sendmsg([b"fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, chunk)])
@@ -1475,7 +1486,7 @@ async def _serve_worker_channel(channel: socket.socket, splicer: Any, stopping: 
                     fds = []
                     try:
                         await _collect_spliced(splicer, offered, metas, fds)
-                        await _send_to_parent(sock, {"spliced": metas}, fds)
+                        await _send_to_parent(sock, {}, fds, metas)
                     finally:
                         for fd in fds:
                             os.close(fd)  # duplicates: the parent has its own now, or the send failed
