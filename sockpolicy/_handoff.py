@@ -23,7 +23,8 @@ Splicing (``serve --splice``, docs/operations.md): a successor that splices says
 its request.  A splicing server then adds, after the sockets, its SOCK_OPS link (which the successor
 takes over with ``BPF_LINK_UPDATE``) and its splice maps (``"splice"`` in the reply describes them).
 If the successor answers ``{"op": "adopted", "splice": true}``, the server hands over its fully spliced
-connections: ``{"status": "bye", "spliced": [...]}`` followed by two socket fds per connection.  The
+connections: ``{"status": "bye", "spliced": [...], "more": k}``, ``k`` more ``{"spliced": [...]}``
+messages (at most :data:`LIST_CHUNK` connections per message), then two socket fds per connection.  The
 answer also names the splice cgroups the successor uses (``"cgroups"``), which the server then leaves in
 place when it exits, even if no process is in them at that moment.
 
