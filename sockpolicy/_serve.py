@@ -1012,7 +1012,9 @@ class Runtime:
 
         stats = splicer.stats
         if not splicer.closed and not splicer.exported and worker is None:
-            # Let the last slots out of quarantine, so that the line below shows what was really left.
+            # Let the last slots out of quarantine, so that the line below shows what was really left
+            # (the first sweep quarantines the sockets that closed since the sweeper stopped).
+            splicer.sweep()
             time.sleep(QUARANTINE)
             splicer.sweep()
         if splicer.closed:
@@ -1655,8 +1657,10 @@ async def run_worker(
         from .proxy._splice import QUARANTINE
 
         if not splicer.exported:
-            # Let the last slots out of quarantine, so that the line below shows what was really left.
-            # (Exported: the successor sweeps these maps now; two sweepers would race.)
+            # Let the last slots out of quarantine, so that the line below shows what was really left:
+            # the first sweep puts the sockets that closed since the sweeper stopped (with the listeners)
+            # into quarantine.  (Exported: the successor sweeps these maps now; two sweepers would race.)
+            splicer.sweep()
             await trio.sleep(QUARANTINE)
             splicer.sweep()
         stats, entries = splicer.stats, splicer.entries()

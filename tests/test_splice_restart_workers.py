@@ -350,3 +350,44 @@ def test_sigterm_then_serve_with_workers_takes_the_links_of_exited_workers(
     assert sum(line[0] for line in lines) == 6 and sum(line[1] for line in lines) == 0, lines
     no_cgroups_left(old_text, new_text)
     assert "Traceback" not in old_text + new_text
+
+
+def test_reload_from_a_serve_without_splice_into_workers(
+    netns: Any, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """``--workers 2`` without ``--splice`` reloaded into ``--workers 2 --splice``: nothing splice-related
+    to take; the adopted listening sockets were created outside any splice cgroup, which one warning
+    says, and every worker gets a socket of its own cgroup beside them, so new connections work (those
+    the kernel hashes to an old socket relayed in userspace, the others spliced)."""
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    args = serve_args(upstream, "--workers", "2")
+    old = start(netns, old_log, *args[1:])  # without --splice
+    new = None
+    try:
+        wait_for("the old workers", lambda: serving(old_log, 2))
+        new = start(netns, new_log, *args, command="reload")
+        wait_for("the successor's workers", lambda: serving(new_log, 2))
+        old.wait(timeout=20)
+        for seed in range(80, 92):
+            data = pattern(seed, 64 << 10)
+            with connect(netns) as sock:
+                assert exchange(sock, data, end=True) == data
+    finally:
+        code, _ = stop(old)
+        if new is not None:
+            new_code, _ = stop(new)
+        sockpolicy(netns, "unload")
+    old_text, new_text = old_log.read_text(), new_log.read_text()
+    assert code == 0, old_text
+    assert new_code == 0, new_text
+    warnings = [line for line in new_text.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, warnings
+    assert "2 of the 2 listening sockets adopted from pid" in warnings[0], warnings
+    assert "(outside any splice cgroup)" in warnings[0], warnings
+    assert "took over the SOCK_OPS attachment" not in new_text, new_text
+    lines = worker_lines(new_text)
+    assert len(lines) == 2 and all(line[2] == LEFT for line in lines), lines
+    assert sum(line[0] + line[1] for line in lines) == 12, lines
+    assert sum(line[0] for line in lines) > 0, lines  # the workers' own sockets splice
+    no_cgroups_left(new_text)
+    assert "Traceback" not in old_text + new_text
