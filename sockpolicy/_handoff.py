@@ -23,7 +23,16 @@ Splicing (``serve --splice``, docs/operations.md): a successor that splices says
 its request.  A splicing server then adds, after the sockets, its SOCK_OPS link (which the successor
 takes over with ``BPF_LINK_UPDATE``) and its splice maps (``"splice"`` in the reply describes them).
 If the successor answers ``{"op": "adopted", "splice": true}``, the server hands over its fully spliced
-connections: ``{"status": "bye", "spliced": [...]}`` followed by two socket fds per connection.
+connections: ``{"status": "bye", "spliced": [...], "more": k}``, ``k`` more ``{"spliced": [...]}``
+messages (at most :data:`LIST_CHUNK` connections per message), then two socket fds per connection.  The
+answer also names the splice cgroups the successor uses (``"cgroups"``), which the server then leaves in
+place when it exits, even if no process is in them at that moment.
+
+A successor also says how many workers it has (``"workers": M``); a ``--workers`` server splices with one
+splicer per worker and offers them only to a successor that says so: ``"splice"`` in its reply then has
+``"units"``, one per worker (its cgroup, whether its link follows, the pids whose maps follow).  Every
+socket's metadata names the splice cgroup it was created in (``"cgroup"``, ``null`` if none), so that a
+successor serves each adopted listening socket in the worker whose splicer enrols that cgroup.
 
 Besides the socket, a small state file ``serve-<label>.json`` in the same directory records the bindings
 a ``serve`` added, so that a ``serve`` started after its predecessor was killed (SIGKILL, OOM) takes over
@@ -63,6 +72,9 @@ log = logging.getLogger("sockpolicy.handoff")
 
 DEFAULT_RUN_DIR = "/run/sockpolicy"
 FDS_PER_MESSAGE = 200  # the kernel accepts at most SCM_MAX_FD (253) fds per message
+#: spliced connections per metadata message: a SOCK_SEQPACKET message must fit the sender's send buffer
+#: (212992 bytes by default, else EMSGSIZE), and one connection's metadata takes up to about 130 bytes
+LIST_CHUNK = 1000
 _MAX_MSG = 1 << 20
 SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
@@ -148,13 +160,17 @@ class Offer:
     splice: dict[str, Any] | None = None
     #: the SOCK_OPS link fd (if ``splice["link"]``), then the maps of each splicer in ``splice["pids"]``
     splice_fds: list[int] = field(default_factory=list)
+    #: the splice cgroup each socket was created in (``None``: none, or not known), same order as sockets
+    cgroups: list[str | None] = field(default_factory=list)
+    #: fds of ``splice_fds`` that are this offer's own (received from a worker): closed once sent
+    owned_fds: list[int] = field(default_factory=list)
 
 
 class HandoffServer:
     """Answers handoff requests for one label in a thread (so it works with and without trio).
 
-    :param offer: called when a successor asks while we are stopping, with whether it splices; returns
-        the :class:`Offer`.
+    :param offer: called when a successor asks while we are stopping, with whether it splices and its
+        worker count (``None``: it did not say); returns the :class:`Offer`.
     :param request_stop: called for a ``takeover`` request while we are running (sends us SIGTERM).
     :param hand_over_spliced: called once a splicing successor has adopted everything; returns the
         spliced connections' metadata and their socket fds (two per connection, the caller's to close).
@@ -164,7 +180,7 @@ class HandoffServer:
         self,
         directory: Path,
         label: str,
-        offer: Callable[[bool], Offer],
+        offer: Callable[[bool, int | None], Offer],
         request_stop: Callable[[], None],
         hand_over_spliced: Callable[[], tuple[list[dict[str, Any]], list[int]]] | None = None,
     ) -> None:
@@ -175,6 +191,8 @@ class HandoffServer:
         self._hand_over_spliced = hand_over_spliced
         #: the successor took our splicing state (link, maps) and so our spliced connections
         self.spliced_to: int | None = None
+        #: the splice cgroups the successor uses (names, from its ``adopted`` answer): not ours to remove
+        self.successor_cgroups: list[str] = []
         self.stopping = threading.Event()
         self.handed_off = threading.Event()
         self.expired = False
@@ -281,28 +299,41 @@ class HandoffServer:
             if self.expired:
                 _send(conn, {"status": "expired"})
                 return
-            self._hand_over(conn, pid, bool(request.get("splice")))
+            workers = request.get("workers")
+            workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else None
+            self._hand_over(conn, pid, bool(request.get("splice")), workers)
 
-    def _hand_over(self, conn: socket.socket, pid: int, splice: bool) -> None:
-        offer = self._offer(splice)
-        keys = [{"proto": proto, "family": version} for (proto, version), _ in offer.sockets]
-        fds = [s.fileno() for _, s in offer.sockets] + offer.splice_fds
-        _send(
-            conn,
-            {
-                "status": "ok",
-                "pid": os.getpid(),
-                "sockets": keys,
-                "added": offer.added,
-                "created": offer.created,
-                "splice": offer.splice,
-                "nsplice": len(offer.splice_fds),
-            },
-        )
-        _send_fds(conn, fds)
+    def _hand_over(self, conn: socket.socket, pid: int, splice: bool, workers: int | None = None) -> None:
+        offer = self._offer(splice, workers)
+        try:
+            cgroups = offer.cgroups or [None] * len(offer.sockets)
+            keys = [
+                {"proto": proto, "family": version, "cgroup": cgroup}
+                for ((proto, version), _), cgroup in zip(offer.sockets, cgroups, strict=True)
+            ]
+            fds = [s.fileno() for _, s in offer.sockets] + offer.splice_fds
+            _send(
+                conn,
+                {
+                    "status": "ok",
+                    "pid": os.getpid(),
+                    "sockets": keys,
+                    "added": offer.added,
+                    "created": offer.created,
+                    "splice": offer.splice,
+                    "nsplice": len(offer.splice_fds),
+                },
+            )
+            _send_fds(conn, fds)
+        finally:
+            for fd in offer.owned_fds:
+                os.close(fd)
         reply = json.loads(conn.recv(_MAX_MSG) or b"null")
         if isinstance(reply, dict) and reply.get("op") == "adopted":
             log.info("pid %d adopted %d sockets of label %r", pid, len(keys), self.label)
+            cgroups = reply.get("cgroups")
+            if isinstance(cgroups, list):
+                self.successor_cgroups = [c for c in cgroups if isinstance(c, str)]
             self.handed_off.set()
             spliced: list[dict[str, Any]] = []
             conn_fds: list[int] = []
@@ -310,7 +341,7 @@ class HandoffServer:
                 self.spliced_to = pid
                 spliced, conn_fds = self._hand_over_spliced()
             try:
-                _send(conn, {"status": "bye", "spliced": spliced})
+                _send_listed(conn, {"status": "bye"}, "spliced", spliced)
                 _send_fds(conn, conn_fds)
             finally:
                 for fd in conn_fds:
@@ -323,6 +354,30 @@ class HandoffServer:
 
 def _send(conn: socket.socket, doc: dict[str, Any]) -> None:
     conn.sendall(json.dumps(doc).encode())
+
+
+def _send_listed(conn: socket.socket, doc: dict[str, Any], key: str, items: list[Any]) -> None:
+    """Send ``doc`` with ``items`` as its ``key``, split over ``1 + doc["more"]`` messages of at most
+    :data:`LIST_CHUNK` items (:func:`_recv_listed` joins them)."""
+    chunks = [items[start : start + LIST_CHUNK] for start in range(0, len(items), LIST_CHUNK)] or [[]]
+    _send(conn, {**doc, key: chunks[0], "more": len(chunks) - 1})
+    for chunk in chunks[1:]:
+        _send(conn, {key: chunk})
+
+
+def _recv_listed(conn: socket.socket, key: str) -> tuple[Any, list[Any]]:
+    """Receive what :func:`_send_listed` sent: the first message (``None`` if the channel closed) and the
+    whole list under ``key``."""
+    doc = json.loads(conn.recv(_MAX_MSG) or b"null")
+    if not isinstance(doc, dict):
+        return doc, []
+    items = list(doc.get(key) or [])
+    for _ in range(int(doc.get("more", 0))):
+        part = json.loads(conn.recv(_MAX_MSG) or b"null")
+        if not isinstance(part, dict):
+            raise ConnectionError("the handoff channel closed in the middle of a list")
+        items += part.get(key) or []
+    return doc, items
 
 
 def _send_fds(conn: socket.socket, fds: list[int]) -> None:
@@ -369,6 +424,10 @@ class Adopted:
     take_splice: bool = False
     #: filled by :meth:`confirm`: the spliced connections ``(metadata, client, upstream)`` we received
     spliced: list[tuple[dict[str, Any], socket.socket, socket.socket]] = field(default_factory=list)
+    #: the splice cgroup each socket was created in (``None``: none, or the predecessor did not say)
+    cgroups: list[str | None] = field(default_factory=list)
+    #: set before :meth:`confirm`: the splice cgroups we use, which the predecessor must not remove
+    splice_cgroups: list[str] = field(default_factory=list)
 
     def cookies(self) -> set[int]:
         return {socket_cookie(s) for _, s in self.sockets}
@@ -382,9 +441,8 @@ class Adopted:
 
     def _confirm(self) -> list[tuple[dict[str, Any], socket.socket, socket.socket]]:
         try:
-            _send(self._conn, {"op": "adopted", "splice": self.take_splice})
-            reply = json.loads(self._conn.recv(_MAX_MSG) or b"null")
-            spliced = reply.get("spliced", []) if isinstance(reply, dict) else []
+            _send(self._conn, {"op": "adopted", "splice": self.take_splice, "cgroups": self.splice_cgroups})
+            _, spliced = _recv_listed(self._conn, "spliced")
             fds = _recv_fds(self._conn, 2 * len(spliced)) if spliced else []
         except (OSError, ValueError) as exc:
             # The bindings are ours already (the predecessor set handed_off before answering).
@@ -410,9 +468,17 @@ class Adopted:
 
 
 def request_handoff(
-    directory: Path, label: str, *, takeover: bool = False, splice: bool = False, timeout: float = 30
+    directory: Path,
+    label: str,
+    *,
+    takeover: bool = False,
+    splice: bool = False,
+    workers: int = 1,
+    timeout: float = 30,
 ) -> Adopted | None:
     """Ask the running ``serve`` of ``label`` for its sockets (and, with ``splice``, its splicing state).
+
+    :param workers: our worker count (a ``--workers`` predecessor offers its splicing state per worker).
 
     :returns: ``None`` if no ``serve`` of the label is listening for handoffs.
     :raises HandoffBusy: it is running and not stopping (and ``takeover`` is false).
@@ -431,7 +497,10 @@ def request_handoff(
     received: list[socket.socket] = []
     extra: list[int] = []
     try:
-        _send(conn, {"op": "handoff", "label": label, "takeover": takeover, "splice": splice})
+        _send(
+            conn,
+            {"op": "handoff", "label": label, "takeover": takeover, "splice": splice, "workers": workers},
+        )
         reply = json.loads(conn.recv(_MAX_MSG) or b"null")
         if not isinstance(reply, dict):
             raise ConnectionError("the running serve closed the handoff channel")
@@ -453,6 +522,7 @@ def request_handoff(
             conn,
             splice=reply.get("splice") if nsplice else None,
             splice_fds=extra,
+            cgroups=[k.get("cgroup") if isinstance(k.get("cgroup"), str) else None for k in keys],
         )
     except BaseException:
         for s in received:

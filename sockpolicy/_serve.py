@@ -18,11 +18,13 @@ Around them, the operations features (docs/operations.md): the socket handoff of
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import errno
 import functools
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -32,7 +34,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -311,6 +313,9 @@ class ListenSockets:
     socks: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
     #: more members of the same reuseport groups, adopted from a predecessor that had more workers.
     extra: list[tuple[tuple[str, int], socket.socket]] = field(default_factory=list)
+    #: ``--splice``: the splice cgroup (its name) each socket was created in, where known.  A socket's
+    #: cgroup never changes, and its accepted connections are enrolled by that cgroup's SOCK_OPS program.
+    cgroup_of: dict[socket.socket, str] = field(default_factory=dict)
 
     def all(self) -> list[socket.socket]:
         return [*self.socks.values(), *(s for _, s in self.extra)]
@@ -631,6 +636,34 @@ async def reload_policy(config: ServeConfig, policy: Any) -> bool:
     return True
 
 
+@dataclass
+class _SpliceUnit:
+    """One splicer cgroup of a predecessor (restart): its SOCK_OPS link, if passed, and the maps of every
+    group of connections it had (``(pid, maps)``: its own splicer's, then those it had adopted)."""
+
+    cgroup: str | None
+    link: Any
+    groups: list[tuple[int, list[Any]]]
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        for _, maps in self.groups:
+            for m in maps:
+                m.close()
+        self.groups = []
+
+
+def _take_link(units: list[_SpliceUnit], cgroup: str) -> Any:
+    """The predecessor's SOCK_OPS link on ``cgroup``, removed from ``units`` (the caller owns it), or None."""
+    for unit in units:
+        if unit.link is not None and unit.cgroup == cgroup:
+            link, unit.link = unit.link, None
+            return link
+    return None
+
+
 class Runtime:
     """Everything ``serve`` sets up around the proxy, in order, and undoes in reverse.
 
@@ -660,6 +693,16 @@ class Runtime:
         self._adopted_splicers: dict[int, Any] = {}  # the predecessor's splicers, by its offer's index
         #: ``--splice --workers N``: one Splicer per worker (index = worker), opened by the parent
         self.worker_splicers: list[Any] = []
+        #: ``--splice --workers N``: the parent's end of each worker's channel (restart: the worker's maps
+        #: and spliced connections), and the workers' pids
+        self.worker_channels: list[socket.socket | None] = []
+        self.worker_pids: list[int] = []
+        #: restart, by the predecessor's group index (``"splicer"`` of a handed-over connection): the splicer
+        #: of this process that runs that group's connections (``--workers``: the worker's)
+        self._adopted_targets: dict[int, Any] = {}
+        #: ``--workers`` restart offer: the group index of each worker's own maps, and its number of groups
+        self._worker_groups: list[int] = []
+        self._worker_group_counts: list[int] = []
 
     def __enter__(self) -> Runtime:
         try:
@@ -672,6 +715,14 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         if self.steer is not None and self.handoff is not None:
             self.steer.handed_off = self.handoff.handed_off.is_set()
+        if self.handoff is not None and self.handoff.handed_off.is_set():
+            # The successor's cgroups (same names) are its own now; the others we remove once empty.
+            used = set(self.handoff.successor_cgroups)
+            named = [(self.splicer, self._splice_cgroup_name())] if self.splicer is not None else []
+            if self.worker_splicers:
+                named += list(zip(self.worker_splicers, self._worker_cgroup_names(), strict=True))
+            for splicer, name in named:
+                splicer.keep_cgroup = name in used
         self.stack.close()
 
     def _setup(self) -> None:
@@ -689,20 +740,26 @@ class Runtime:
             self.stack.callback(adopted.abandon)  # after confirm() this only closes our dups
             log.info("adopted %d sockets from pid %d", len(adopted.sockets), adopted.pid)
         before = None
+        cgroups: list[str] = []
         if config.splice and config.workers > 1:
             self.worker_splicers = self._open_worker_splicers(adopted)
             if self.worker_splicers:
                 before = lambda index: self.worker_splicers[index].enter()  # noqa: E731
+                cgroups = self._worker_cgroup_names()
         elif config.splice:
             self.splicer = self._open_splicer(adopted)  # BEFORE the sockets: they take its cgroup
+            if self.splicer is not None:
+                cgroups = [self._splice_cgroup_name()]
         self.policy = reloadable(config.policy, splice=self.splicer is not None or bool(self.worker_splicers))
         try:
-            self.socket_sets = _socket_sets(config, adopted, before)
+            self.socket_sets = _socket_sets(config, adopted, before, cgroups)
         finally:
             if self.worker_splicers:
                 self.worker_splicers[0].leave()  # the parent's own sockets (metrics) stay unenrolled
         for sockets in self.socket_sets:
             self.stack.callback(sockets.close)
+        if adopted is not None and cgroups:
+            self._warn_unenrolled(adopted, cgroups)
         self.steer = self.stack.enter_context(
             steering(config, self.socket_sets[0], adopted=adopted, inherited=inherited)
         )
@@ -746,6 +803,107 @@ class Runtime:
 
         return f"{netns_inode('/proc/self/ns/net')}-{self.config.label}"
 
+    def _worker_cgroup_names(self) -> list[str]:
+        """``<netns inode>-<label>-w<i>``: worker i's splice cgroup, the same for every serve of the label."""
+        base = self._splice_cgroup_name()
+        return [f"{base}-w{index}" for index in range(self.config.workers)]
+
+    def _warn_unenrolled(self, adopted: Adopted, cgroups: list[str]) -> None:
+        """One line if adopted listening sockets are served by a process whose splicer does not enrol their
+        cgroup: what they accept is relayed in userspace."""
+        ours = {id(sock) for _, sock in adopted.sockets}
+        served = 0
+        foreign: list[str] = []
+        for sockets, name in zip(self.socket_sets, cgroups, strict=True):
+            for _, sock in sockets.items():
+                if id(sock) not in ours:
+                    continue
+                served += 1
+                cgroup = sockets.cgroup_of.get(sock)
+                if cgroup != name:
+                    foreign.append(cgroup or "outside any splice cgroup")
+        if foreign:
+            log.warning(
+                "splice: %d of the %d listening sockets adopted from pid %d were not created in the splice "
+                "cgroup of the process serving them (%s), so connections accepted on them are relayed in "
+                "userspace (docs/operations.md)",
+                len(foreign),
+                served,
+                adopted.pid,
+                ", ".join(sorted(set(foreign))),
+            )
+
+    def _splice_units(self, adopted: Adopted | None) -> list[_SpliceUnit]:
+        """The predecessor's splicing state (restart), one unit per splicer cgroup it had: the SOCK_OPS
+        link on it, if passed, and the maps of each splicer whose connections it had.  The fds are taken
+        from ``adopted``; whatever is malformed is closed with one warning."""
+        from ._objects import Link, Map
+        from .proxy._splice import MAP_NAMES
+
+        if adopted is None or adopted.splice is None:
+            return []
+        fds, adopted.splice_fds = adopted.splice_fds, []
+        described = adopted.splice.get("units")
+        if described is None:  # a single-process predecessor: its cgroup is the label's
+            described = [
+                {
+                    "cgroup": self._splice_cgroup_name(),
+                    "link": adopted.splice.get("link"),
+                    "pids": adopted.splice.get("pids", []),
+                }
+            ]
+        units: list[_SpliceUnit] = []
+        try:
+            for unit in described:
+                link = None
+                if unit.get("link"):
+                    link = Link(fds.pop(0), description=f"splice SOCK_OPS link of pid {adopted.pid}")
+                units.append(_SpliceUnit(unit.get("cgroup"), link, []))
+                for pid in unit.get("pids", []):
+                    maps: list[Any] = []
+                    units[-1].groups.append((int(pid), maps))
+                    for _ in MAP_NAMES:
+                        maps.append(Map(fds.pop(0)))
+        except (IndexError, AttributeError, TypeError, ValueError, OSError) as exc:
+            log.warning("splice: the splicing state of pid %d is malformed (%s); not taken", adopted.pid, exc)
+            for each in units:
+                each.close()
+            units = []
+        for fd in fds:
+            os.close(fd)
+        return units
+
+    def _adopt_units(self, units: list[_SpliceUnit], splicers: list[Any], names: list[str]) -> None:
+        """Give each predecessor group of maps to the splicer of the same cgroup (else spread them), log
+        one line for the links nobody here takes (the predecessor detaches them when it has handed off)."""
+        from .proxy import Splicer, SpliceUnavailable
+
+        dropped = []
+        index = 0
+        for position, unit in enumerate(units):
+            if unit.link is not None:
+                dropped.append(str(unit.cgroup))
+                unit.link.close()
+                unit.link = None
+            home = names.index(unit.cgroup) if unit.cgroup in names else position % len(splicers)
+            for pid, maps in unit.groups:
+                try:
+                    adopted = Splicer.adopt(maps, pid)  # closes the maps if it fails
+                except SpliceUnavailable as exc:
+                    log.warning("splice: cannot use the splice maps of pid %d: %s", pid, exc)
+                else:
+                    splicers[home].adopted.append(adopted)
+                    self._adopted_splicers[index] = adopted
+                    self._adopted_targets[index] = splicers[home]
+                index += 1
+            unit.groups = []
+        if dropped:
+            log.warning(
+                "splice: the SOCK_OPS attachment of cgroup %s is not carried over (no splicer of this "
+                "serve enrols there; the predecessor detaches it); its maps and connections still move",
+                ", ".join(dropped),
+            )
+
     def _open_splicer(self, adopted: Adopted | None) -> Any:
         """``--splice``: open the Splicer (moves this process into its cgroup), or log one line why not.
 
@@ -759,49 +917,22 @@ class Runtime:
         if refusal is not None:
             log.warning("splice: %s; serving in userspace", refusal)
             return None
-        from ._objects import Link, Map
         from .proxy import Splicer, SpliceUnavailable
-        from .proxy._splice import MAP_NAMES
 
-        link = None
-        maps: list[Any] = []
-        pids: list[int] = []
-        if adopted is not None and adopted.splice is not None:
-            fds, adopted.splice_fds = adopted.splice_fds, []
-            if adopted.splice.get("link"):
-                link = Link(fds.pop(0), description=f"splice SOCK_OPS link of pid {adopted.pid}")
-            maps = [Map(fd) for fd in fds]
-            pids = [int(pid) for pid in adopted.splice.get("pids", [])]
+        name = self._splice_cgroup_name()
+        units = self._splice_units(adopted)
         try:
-            splicer = Splicer.open(name=self._splice_cgroup_name(), link=link)
+            splicer = Splicer.open(name=name, link=_take_link(units, name))
         except SpliceUnavailable as exc:
             log.warning("splice: unavailable (%s), serving in userspace: %s", exc.feature, exc)
-            if link is not None:
-                link.close()
-            for m in maps:
-                m.close()
+            for unit in units:
+                unit.close()
             return None
         self.stack.callback(self._close_splicer, splicer)
-        count = len(MAP_NAMES)
-        for index, pid in enumerate(pids):
-            group = maps[index * count : (index + 1) * count]
-            try:
-                self._adopted_splicers[index] = Splicer.adopt(group, pid)
-            except SpliceUnavailable as exc:
-                log.warning("splice: cannot use the splice maps of pid %d: %s", pid, exc)
-            else:
-                splicer.adopted.append(self._adopted_splicers[index])
-        for m in maps[len(pids) * count :]:
-            m.close()
+        self._adopt_units(units, [splicer], [name])
         if adopted is not None:
             adopted.take_splice = True
-            if adopted.sockets and link is None:
-                log.warning(
-                    "splice: the %d listening sockets adopted from pid %d belong to its cgroup, so "
-                    "connections accepted on them are relayed in userspace (docs/operations.md)",
-                    len(adopted.sockets),
-                    adopted.pid,
-                )
+            adopted.splice_cgroups = [name]
         return splicer
 
     def _open_worker_splicers(self, adopted: Adopted | None) -> list[Any]:
@@ -813,11 +944,13 @@ class Runtime:
             return []
         from .proxy import Splicer, SpliceUnavailable
 
-        base = self._splice_cgroup_name()
+        names = self._worker_cgroup_names()
+        units = self._splice_units(adopted)
         splicers: list[Any] = []
         try:
-            for index in range(self.config.workers):
-                splicer = Splicer.open(name=f"{base}-w{index}")
+            for index, name in enumerate(names):
+                # A predecessor's worker i passes its link on cgroup w<i>: ours takes it over atomically.
+                splicer = Splicer.open(name=name, link=_take_link(units, name))
                 splicers.append(splicer)
                 self.stack.callback(self._close_splicer, splicer, index)
         except SpliceUnavailable as exc:
@@ -826,14 +959,13 @@ class Runtime:
                 splicers[0].leave()
             for splicer in reversed(splicers):
                 splicer.close()
+            for unit in units:
+                unit.close()
             return []
-        if adopted is not None and adopted.sockets:
-            log.warning(
-                "splice: the %d listening sockets adopted from pid %d are not in the workers' cgroups, so "
-                "connections accepted on them are relayed in userspace (docs/operations.md)",
-                len(adopted.sockets),
-                adopted.pid,
-            )
+        self._adopt_units(units, splicers, names)
+        if adopted is not None:
+            adopted.take_splice = True
+            adopted.splice_cgroups = names
         return splicers
 
     def _adopt_spliced(self, adopted: Adopted) -> None:
@@ -843,11 +975,13 @@ class Runtime:
         from .proxy._splice import AdoptedPair
         from .proxy._streams import abort_socket
 
-        splicer = self.splicer
+        count = 0
         for meta, client, upstream in adopted.spliced:
             try:
                 owner = self._adopted_splicers.get(int(meta["splicer"]))
-                if owner is None:
+                # The splicer that sweeps the group's maps runs its connections (--workers: that worker).
+                splicer = self._adopted_targets.get(int(meta["splicer"]), self.splicer)
+                if owner is None or splicer is None:
                     raise SpliceUnavailable("restart", "its splice maps were not adopted")
                 client_slot = owner.adopt_slot(client, *meta["client"])
                 try:
@@ -869,10 +1003,9 @@ class Runtime:
                 AdoptedPair(client, upstream, client_slot, upstream_slot, adopted.pid, meta.get("conn"))
             )
             splicer.stats.adopted += 1
+            count += 1
         adopted.spliced = []
-        log.info(
-            "splice: adopted %d spliced connections from pid %d", len(splicer.adopted_pairs), adopted.pid
-        )
+        log.info("splice: adopted %d spliced connections from pid %d", count, adopted.pid)
 
     @staticmethod
     def _close_splicer(splicer: Any, worker: int | None = None) -> None:
@@ -880,7 +1013,9 @@ class Runtime:
 
         stats = splicer.stats
         if not splicer.closed and not splicer.exported and worker is None:
-            # Let the last slots out of quarantine, so that the line below shows what was really left.
+            # Let the last slots out of quarantine, so that the line below shows what was really left
+            # (the first sweep quarantines the sockets that closed since the sweeper stopped).
+            splicer.sweep()
             time.sleep(QUARANTINE)
             splicer.sweep()
         if splicer.closed:
@@ -913,8 +1048,8 @@ class Runtime:
                 directory,
                 self.config.label,
                 takeover=self.config.takeover,
-                # Splicing state moves between single-process serves only (docs/operations.md).
-                splice=self.config.splice and self.config.workers == 1 and self._splice_refusal() is None,
+                splice=self.config.splice and self._splice_refusal() is None,
+                workers=self.config.workers,
             )
         except HandoffBusy as busy:
             raise ConfigError(
@@ -930,19 +1065,74 @@ class Runtime:
             )
         return adopted
 
-    def _offer(self, splice: bool = False) -> Any:
-        """The handoff offer (in the handoff thread); with ``splice``, our splicing state too."""
+    def _offer(self, splice: bool = False, workers: int | None = None) -> Any:
+        """The handoff offer (in the handoff thread); with ``splice``, our splicing state too (with
+        ``--workers``, only to a successor that said its worker count, i.e. understands units)."""
         from ._handoff import Offer
 
         assert self.steer is not None
         socks = [item for sockets in self.socket_sets for item in sockets.items()]
-        offer = Offer(socks, self.steer.added_json(), self.steer.created)
+        cgroups = [sockets.cgroup_of.get(sock) for sockets in self.socket_sets for _, sock in sockets.items()]
+        offer = Offer(socks, self.steer.added_json(), self.steer.created, cgroups=cgroups)
         if splice and self.splicer is not None and self.trio_token is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 offer.splice, offer.splice_fds = trio.from_thread.run_sync(
                     self._splice_offer, trio_token=self.trio_token
                 )
+        elif splice and self.worker_splicers and workers is not None:
+            self._worker_splice_offer(offer)
         return offer
+
+    def _worker_splice_offer(self, offer: Any) -> None:
+        """``--workers``, in the handoff thread: a unit per worker, with the SOCK_OPS link and maps this
+        parent holds for it and the maps the worker adopted in an earlier restart (asked over its
+        channel; a worker that has exited has none).  Fixes the group indexes :meth:`_hand_over_spliced`
+        refers to."""
+        from .proxy._splice import MAP_NAMES
+
+        units: list[dict[str, Any]] = []
+        self._worker_groups = []
+        self._worker_group_counts = []
+        groups = 0
+        for index, splicer in enumerate(self.worker_splicers):
+            pids = [self.worker_pids[index] if index < len(self.worker_pids) else os.getpid()]
+            extra: list[int] = []
+            channel = self.worker_channels[index] if index < len(self.worker_channels) else None
+            if channel is not None:
+                try:
+                    reply, extra = _ask_worker(channel, {"op": "offer"}, timeout=10)
+                    adopted_pids = [int(pid) for pid in reply.get("pids", [])]
+                    if len(extra) != len(adopted_pids) * len(MAP_NAMES):
+                        raise ValueError(f"{len(extra)} fds for {len(adopted_pids)} adopted splicers")
+                    pids += adopted_pids
+                except (OSError, ValueError, TypeError) as exc:
+                    if isinstance(exc, ConnectionError) and not extra:
+                        # It drained and exited: its connections are gone, its maps (ours too) are empty.
+                        log.info("splice: worker %d has exited: %s", index, exc)
+                    else:
+                        log.warning(
+                            "splice: worker %d did not pass the maps it adopted (%s); "
+                            "its spliced connections drain there",
+                            index,
+                            exc,
+                        )
+                    for fd in extra:
+                        os.close(fd)
+                    extra = []
+                    # Not asked to hand over: its groups would not match the offer's.
+                    self.worker_channels[index] = None
+                    channel.close()
+            link = splicer.sockops_link()
+            units.append(
+                {"cgroup": self._worker_cgroup_names()[index], "link": link is not None, "pids": pids}
+            )
+            offer.splice_fds += [link.fd] if link is not None else []
+            offer.splice_fds += [m.fd for m in splicer.export_maps()] + extra
+            offer.owned_fds += extra
+            self._worker_groups.append(groups)
+            self._worker_group_counts.append(len(pids))
+            groups += len(pids)
+        offer.splice = {"units": units}
 
     def _splice_offer(self) -> tuple[dict[str, Any], list[int]]:
         """In the trio thread: our SOCK_OPS link and the maps of our splicer and of those we adopted.
@@ -962,6 +1152,8 @@ class Runtime:
     def _hand_over_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
         """In the handoff thread, once a splicing successor adopted everything: hand it our spliced
         connections, busy or not (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`)."""
+        if self.worker_splicers:
+            return self._hand_over_worker_spliced()
         if self.trio_token is None or not self._offered:
             return [], []
         metas: list[dict[str, Any]] = []
@@ -977,44 +1169,69 @@ class Runtime:
             except trio.RunFinishedError:
                 break
             if not waiting or time.monotonic() >= deadline:
-                if waiting:
-                    reasons = collections.Counter(waiting)
-                    log.info(
-                        "splice: %d spliced connections could not be handed over (%s); they drain here",
-                        len(waiting),
-                        ", ".join(f"{count} {why}" for why, count in reasons.most_common()),
-                    )
+                _log_kept(waiting)
                 break
             time.sleep(0.01)
         self.splicer.stats.handed_over += len(metas)
         return metas, fds
 
+    def _hand_over_worker_spliced(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """``--workers``, in the handoff thread once a splicing successor adopted everything: every worker
+        hands over its spliced connections (all asked at once, over their channels); the group
+        indexes become the offer's (:meth:`_worker_splice_offer`)."""
+        for splicer in self.worker_splicers:
+            splicer.mark_exported()  # the successor holds the maps: keep the verdict attached at exit
+        asked = []
+        for index, channel in enumerate(self.worker_channels):
+            if channel is None or index >= len(self._worker_groups):
+                continue  # not in the offer: its connections drain there
+            try:
+                channel.settimeout(HAND_OVER_WINDOW + 10)
+                channel.sendall(json.dumps({"op": "hand_over"}).encode())
+            except OSError as exc:
+                log.info("splice: worker %d was not asked for its spliced connections: %s", index, exc)
+                continue
+            asked.append(index)
+        metas: list[dict[str, Any]] = []
+        fds: list[int] = []
+        for index in asked:
+            got: list[int] = []
+            try:
+                reply, got = _worker_reply(self.worker_channels[index])  # type: ignore[arg-type]
+                spliced = reply.get("spliced", [])
+                if len(got) != 2 * len(spliced):
+                    raise ValueError(f"{len(got)} fds for {len(spliced)} connections")
+                groups = self._worker_group_counts[index]
+                for meta in spliced:
+                    if not 0 <= int(meta["splicer"]) < groups:
+                        raise ValueError(f"group {meta['splicer']} of a connection was not offered")
+                    meta["splicer"] = self._worker_groups[index] + int(meta["splicer"])
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                # A worker that exited meanwhile had nothing left (its connections ended); anything else
+                # loses the connections it detached, so say so.
+                log.warning("splice: worker %d handed over no spliced connections: %s", index, exc)
+                for fd in got:
+                    os.close(fd)
+                continue
+            metas += spliced
+            fds += got
+        return metas, fds
+
+    def _close_channels(self) -> None:
+        """Close the workers' channels, after the handoff thread (which uses them) has stopped."""
+        if self.handoff is not None:
+            self.handoff.close()
+        channels, self.worker_channels = self.worker_channels, []
+        for channel in channels:
+            if channel is not None:
+                channel.close()
+
     def _detach_spliced(self, metas: list[dict[str, Any]], fds: list[int]) -> list[str]:
         """In the trio thread: hand over what can go now (appended to ``metas`` and ``fds``); returns
         why each of the others stays, for now."""
-        offered = self._offered
-        for splicer in offered:
+        for splicer in self._offered:
             splicer.mark_exported()  # the successor holds the maps: keep the verdict attached at exit
-        waiting: list[str] = []
-        for session in list(self.splicer.sessions):
-            if not session.splicing or session.end is not None or session.client_slot is None:
-                continue  # relayed in userspace, ending, or handed over already
-            got = session.hand_over()
-            if got is None:
-                waiting.append(session.kept_because)
-                continue
-            client_fd, upstream_fd, client, upstream = got
-            metas.append(
-                {
-                    "splicer": offered.index(client.splicer),
-                    "client": [client.cookie, client.slot, client.base],
-                    "upstream": [upstream.cookie, upstream.slot, upstream.base],
-                    # A socket that is already closed (both FINs, bytes still held) has no peer name.
-                    "conn": [session.conn.client, session.conn.original_dst, session.conn.upstream],
-                }
-            )
-            fds += [client_fd, upstream_fd]
-        return waiting
+        return _detach_spliced_sessions(self.splicer, self._offered, metas, fds)
 
     def _setup_metrics(self) -> None:
         from ._dispatcher import Dispatcher
@@ -1094,14 +1311,22 @@ def _dead_state(doc: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _socket_sets(
-    config: ServeConfig, adopted: Adopted | None, before: Callable[[int], None] | None = None
+    config: ServeConfig,
+    adopted: Adopted | None,
+    before: Callable[[int], None] | None = None,
+    cgroups: Sequence[str | None] = (),
 ) -> list[ListenSockets]:
     """One :class:`ListenSockets` per worker: adopted sockets first (spread over the workers), then new
     ones for whatever is missing, each joining the reuseport group of the first set.
 
-    :param before: called with the worker's index before its new sockets are created (``--splice``
-        with workers: enter that worker's splice cgroup).
+    :param before: called with the worker's index before its new sockets are created (``--splice``:
+        enter that worker's splice cgroup).
+    :param cgroups: ``--splice``: per worker, the name of the splice cgroup ``before`` enters.  An adopted
+        socket created in one of them is served by that worker, whose splicer enrols what it accepts; the
+        other adopted sockets are then extra members of the workers' groups, so that every worker still
+        gets a new socket of its own cgroup (without ``--splice`` they fill the missing ones first).
     """
+    names = [*cgroups, *[None] * (config.workers - len(cgroups))]
     if adopted is None:
         sets: list[ListenSockets] = []
         try:
@@ -1109,6 +1334,7 @@ def _socket_sets(
                 if before is not None:
                     before(index)
                 sets.append(create_sockets(config, like=sets[0] if sets else None))
+                _record_cgroup(sets[-1], sets[-1].socks.values(), names[index])
         except BaseException:
             for s in sets:
                 s.close()
@@ -1117,31 +1343,201 @@ def _socket_sets(
     wanted = {(proto, p.version) for proto in config.protos for p in config.addrs}
     sets = [ListenSockets() for _ in range(config.workers)]
     counts: dict[tuple[str, int], int] = {}
-    for key, sock in adopted.sockets:
-        if key not in wanted:
-            continue  # steering unregisters the slot; the predecessor closes its copy
+    origins = adopted.cgroups or [None] * len(adopted.sockets)
+    homed = [
+        (key, sock, cgroup, names.index(cgroup) if cgroup is not None and cgroup in names else None)
+        for (key, sock), cgroup in zip(adopted.sockets, origins, strict=True)
+        if key in wanted  # else steering unregisters the slot; the predecessor closes its copy
+    ]
+    splicing = any(name is not None for name in names)
+    for key, sock, cgroup, home in sorted(homed, key=lambda item: item[3] is None):  # homed ones first
         sock.setblocking(False)
-        target = sets[counts.get(key, 0) % len(sets)]
-        counts[key] = counts.get(key, 0) + 1
-        if key in target.socks:
+        if home is None:
+            target = sets[counts.get(key, 0) % len(sets)]
+            counts[key] = counts.get(key, 0) + 1
+        else:
+            target = sets[home]
+        if key in target.socks or (home is None and splicing):
             target.extra.append((key, sock))
         else:
             target.socks[key] = sock
+        _record_cgroup(target, [sock], cgroup)
     try:
         for index, target in enumerate(sets):
             if before is not None:
                 before(index)
-            fresh = create_sockets(config, like=sets[0] if sets[0].socks else None)
+            fresh = create_sockets(config, like=_like(sets))
             for key, sock in fresh.socks.items():
                 if key in target.socks:
                     sock.close()
                 else:
                     target.socks[key] = sock
+                    _record_cgroup(target, [sock], names[index])
     except BaseException:
         for s in sets:
             s.close()
         raise
     return sets
+
+
+def _record_cgroup(sockets: ListenSockets, socks: Iterable[socket.socket], cgroup: str | None) -> None:
+    if cgroup is not None:
+        for sock in socks:
+            sockets.cgroup_of[sock] = cgroup
+
+
+def _like(sets: Sequence[ListenSockets]) -> ListenSockets | None:
+    """One socket per key of all ``sets``: the ports new sockets bind to, joining their reuseport groups."""
+    like = ListenSockets()
+    for sockets in sets:
+        for key, sock in sockets.items():
+            like.socks.setdefault(key, sock)
+    return like if like.socks else None
+
+
+# --- --workers restart: the parent <-> worker channel -------------------------------------------------
+#
+# With ``--splice --workers N`` the parent holds every worker's SOCK_OPS link and splice maps (it opened
+# them before forking) but the workers run the spliced connections.  For a restart the parent asks each
+# worker over a SOCK_SEQPACKET socketpair made before the fork: ``{"op": "offer"}`` (the worker answers
+# with the maps it adopted in an earlier restart) and ``{"op": "hand_over"}`` (its spliced
+# connections, as a single-process serve hands over its own).  A reply is one JSON message with
+# ``"nfds"``, followed by the fds in messages of at most FDS_PER_MESSAGE.
+
+_CHANNEL_MSG = 1 << 20
+
+
+def _ask_worker(
+    channel: socket.socket, request: dict[str, Any], *, timeout: float
+) -> tuple[dict[str, Any], list[int]]:
+    """Parent side (blocking): send ``request`` and return the worker's reply and the fds it sent."""
+    channel.settimeout(timeout)
+    channel.sendall(json.dumps(request).encode())
+    return _worker_reply(channel)
+
+
+def _worker_reply(channel: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    from ._handoff import _recv_fds, _recv_listed
+
+    reply, spliced = _recv_listed(channel, "spliced")
+    if not isinstance(reply, dict):
+        raise ConnectionError("the worker closed its channel (it has exited)")
+    reply["spliced"] = spliced
+    return reply, _recv_fds(channel, int(reply.get("nfds", 0)))
+
+
+async def _send_to_parent(
+    sock: trio.socket.SocketType, doc: dict[str, Any], fds: list[int], spliced: list[Any] | None = None
+) -> None:
+    """``doc``, then ``spliced`` in chunks (as :func:`sockpolicy._handoff._recv_listed` expects), then
+    ``fds``."""
+    from ._handoff import FDS_PER_MESSAGE, LIST_CHUNK
+
+    items = spliced or []
+    chunks = [items[start : start + LIST_CHUNK] for start in range(0, len(items), LIST_CHUNK)] or [[]]
+    await sock.send(
+        json.dumps({**doc, "spliced": chunks[0], "more": len(chunks) - 1, "nfds": len(fds)}).encode()
+    )
+    for chunk in chunks[1:]:
+        await sock.send(json.dumps({"spliced": chunk}).encode())
+    for start in range(0, len(fds), FDS_PER_MESSAGE):
+        chunk = array.array("i", fds[start : start + FDS_PER_MESSAGE])
+        await sock.sendmsg([b"fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, chunk)])
+
+
+async def _serve_worker_channel(channel: socket.socket, splicer: Any, stopping: trio.Event) -> None:
+    """In a ``--splice --workers`` worker: answer the parent's restart requests until it closes the channel.
+
+    Requests are answered only once this worker has stopped accepting (the parent may ask a moment before
+    the worker has seen its SIGTERM), and each one is shielded: the connections detached by a hand over
+    end the worker's drain, which must not cancel the sending of their fds.
+    """
+    sock = trio.socket.from_stdlib_socket(channel)
+    offered = [splicer]  # fixed by "offer": the groups whose connections "hand_over" may pass on
+    try:
+        while data := await sock.recv(_CHANNEL_MSG):
+            await stopping.wait()
+            request = json.loads(data)
+            op = request.get("op") if isinstance(request, dict) else None
+            with trio.CancelScope(shield=True):
+                if op == "offer":
+                    offered = [splicer, *splicer.adopted]
+                    fds = [m.fd for other in offered[1:] for m in other.export_maps()]  # ours: not closed
+                    await _send_to_parent(sock, {"pids": [other.adopted_from for other in offered[1:]]}, fds)
+                elif op == "hand_over":
+                    metas: list[dict[str, Any]] = []
+                    fds = []
+                    try:
+                        await _collect_spliced(splicer, offered, metas, fds)
+                        await _send_to_parent(sock, {}, fds, metas)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)  # duplicates: the parent has its own now, or the send failed
+                    if metas:
+                        log.info("splice: handed %d spliced connections to the parent", len(metas))
+                else:
+                    await _send_to_parent(sock, {"error": f"unknown request {op!r}"}, [])
+    except (OSError, ValueError) as exc:
+        log.warning("splice: the restart channel to the parent failed: %s", exc)
+
+
+async def _collect_spliced(
+    splicer: Any, offered: list[Any], metas: list[dict[str, Any]], fds: list[int]
+) -> None:
+    """Worker side of a hand over: detach what can go, retrying the rest for :data:`HAND_OVER_WINDOW`
+    (as :meth:`Runtime._hand_over_spliced` does in a single-process serve)."""
+    for each in offered:
+        each.mark_exported()  # the successor holds the maps: keep the verdict attached at exit
+    deadline = trio.current_time() + HAND_OVER_WINDOW
+    while True:
+        waiting = _detach_spliced_sessions(splicer, offered, metas, fds)
+        if not waiting or trio.current_time() >= deadline:
+            _log_kept(waiting)
+            break
+        await trio.sleep(0.01)
+    splicer.stats.handed_over += len(metas)
+
+
+def _detach_spliced_sessions(
+    splicer: Any, offered: list[Any], metas: list[dict[str, Any]], fds: list[int]
+) -> list[str]:
+    """Hand over (:meth:`~sockpolicy.proxy._tcp._TcpSession.hand_over`) every spliced session of
+    ``splicer`` that can go now, appending to ``metas`` and ``fds``; returns why each of the others stays,
+    for now.  A session whose slots are in a group of maps that was not offered stays here (the
+    successor could not find its slots)."""
+    waiting: list[str] = []
+    for session in list(splicer.sessions):
+        if not session.splicing or session.end is not None or session.client_slot is None:
+            continue  # relayed in userspace, ending, or handed over already
+        if session.client_slot.splicer not in offered:
+            continue
+        got = session.hand_over()
+        if got is None:
+            waiting.append(session.kept_because)
+            continue
+        client_fd, upstream_fd, client, upstream = got
+        metas.append(
+            {
+                "splicer": offered.index(client.splicer),
+                "client": [client.cookie, client.slot, client.base],
+                "upstream": [upstream.cookie, upstream.slot, upstream.base],
+                # A socket that is already closed (both FINs, bytes still held) has no peer name.
+                "conn": [session.conn.client, session.conn.original_dst, session.conn.upstream],
+            }
+        )
+        fds += [client_fd, upstream_fd]
+    return waiting
+
+
+def _log_kept(waiting: list[str]) -> None:
+    """One line for the spliced connections a hand-over kept back, with why."""
+    if waiting:
+        reasons = collections.Counter(waiting)
+        log.info(
+            "splice: %d spliced connections could not be handed over (%s); they drain here",
+            len(waiting),
+            ", ".join(f"{count} {why}" for why, count in reasons.most_common()),
+        )
 
 
 # --- trio side ---------------------------------------------------------------------------------------
@@ -1170,12 +1566,14 @@ async def run_worker(
     policy: Any = None,
     snapshot_sock: socket.socket | None = None,
     splicer: Any = None,
+    channel: socket.socket | None = None,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy on ``sockets`` until SIGINT/SIGTERM, then drain and return.
 
     ``splicer``: a forked worker's own Splicer (``--splice --workers N``); with a ``runtime``, its
-    splicer is used.
+    splicer is used.  ``channel``: that worker's end of its restart channel to the parent
+    (:func:`_serve_worker_channel`).
 
     SIGHUP reloads the policy file (:func:`reload_policy`).
 
@@ -1209,10 +1607,13 @@ async def run_worker(
             if runtime is not None:
                 runtime.stats.append(handle.stats)
             background = trio.CancelScope()
+            stopping = trio.Event()
 
             async def side_tasks() -> None:
                 with background:
                     async with trio.open_nursery() as side:
+                        if channel is not None and splicer is not None:
+                            side.start_soon(_serve_worker_channel, channel, splicer, stopping)
                         if config.conn_log_interval > 0:
                             side.start_soon(_report_long_lived, handle, config.conn_log_interval)
                         if snapshot_sock is not None:
@@ -1229,6 +1630,7 @@ async def run_worker(
                 log.info("%s: draining for up to %gs", signal.Signals(signum).name, config.drain_timeout)
                 break
             handle.stop(config.drain_timeout)
+            stopping.set()
             if runtime is not None:
                 runtime.begin_stop()
                 deadline = trio.current_time() + config.handoff_timeout
@@ -1248,13 +1650,17 @@ async def run_worker(
     if splicer is not None:
         from .proxy._splice import QUARANTINE
 
-        # Let the last slots out of quarantine, so that the line below shows what was really left.
-        await trio.sleep(QUARANTINE)
-        splicer.sweep()
+        if not splicer.exported:
+            # Let the last slots out of quarantine, so that the line below shows what was really left:
+            # the first sweep puts the sockets that closed since the sweeper stopped (with the listeners)
+            # into quarantine.  (Exported: the successor sweeps these maps now; two sweepers would race.)
+            splicer.sweep()
+            await trio.sleep(QUARANTINE)
+            splicer.sweep()
         stats, entries = splicer.stats, splicer.entries()
         log.info(
             "splice: %d connections spliced (%d bytes), %d relayed in userspace (worker); "
-            "left in the maps: socks=%d slot_of=%d owners=%d claimed=%d",
+            "left in the maps: socks=%d slot_of=%d owners=%d claimed=%d; %d adopted, %d handed over%s",
             stats.spliced,
             stats.bytes_spliced,
             stats.fallbacks,
@@ -1262,6 +1668,9 @@ async def run_worker(
             entries["slot_of"],
             entries["owners"],
             entries["claimed"],
+            stats.adopted,
+            stats.handed_over,
+            " (the successor has them)" if splicer.exported else "",
         )
 
 
@@ -1305,9 +1714,14 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
 
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     old = {s: signal.signal(s, forward) for s in handled}
+    if runtime.worker_splicers:
+        runtime.stack.callback(runtime._close_channels)
     try:
         for index, sockets in enumerate(runtime.socket_sets):
             snapshot_sock = runtime.receiver.add_worker(index) if runtime.receiver is not None else None
+            parent_end = child_end = None
+            if runtime.worker_splicers:
+                parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
             if pid == 0:  # child: serve its own sockets only, never return into the CLI
                 code = 1
@@ -1318,10 +1732,19 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
                     for other in runtime.socket_sets:
                         if other is not sockets:
                             other.close()
+                    for channel in [*runtime.worker_channels, parent_end]:
+                        if channel is not None:
+                            channel.close()  # the parent's ends
                     splicer = None
                     if runtime.worker_splicers:
                         for each in runtime.worker_splicers:
                             each.drop_links()  # the parent's fds keep (and end) the attachments
+                        for other_index, each in enumerate(runtime.worker_splicers):
+                            if other_index != index:
+                                # Another worker's maps, and the connections and maps it adopted in a
+                                # restart: this process must not hold them (a socket closes when its
+                                # last fd does).
+                                each.forget()
                         splicer = runtime.worker_splicers[index]
                         splicer.enter()  # its upstream connections must be enrolled in its maps
                     trio.run(
@@ -1332,6 +1755,7 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
                             policy=runtime.policy,
                             snapshot_sock=snapshot_sock,
                             splicer=splicer,
+                            channel=child_end,
                         )
                     )
                     code = 0
@@ -1343,8 +1767,16 @@ def _run_workers(config: ServeConfig, runtime: Runtime) -> int:
                     os._exit(code)
             if snapshot_sock is not None:
                 snapshot_sock.close()
+            if child_end is not None:
+                child_end.close()
+            runtime.worker_channels.append(parent_end)
+            runtime.worker_pids.append(pid)
             children[pid] = index
             log.info("worker %d started (pid %d)", index, pid)
+        for splicer in runtime.worker_splicers:
+            # The connections and maps adopted in a restart are the workers' now: the parent's copies of
+            # the sockets would keep them open after a worker closes them.
+            splicer.forget_adopted()
         # The parent keeps its copies of the sockets: they are what it offers to a successor.
         runtime.start_services()
         status = 0

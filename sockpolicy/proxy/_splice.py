@@ -358,8 +358,12 @@ class Splicer:
         #: pid of the process whose maps these are (a splicer made by :meth:`adopt`), else None
         self.adopted_from: int | None = None
         #: the maps (and so the verdict and every connection still in them) went to a successor:
-        #: :meth:`close` then leaves the verdict attached and the cgroup to whoever is still in it.
+        #: :meth:`close` then leaves the verdict attached.
         self.exported = False
+        #: a successor uses our cgroup (same name): :meth:`close` never removes it.  With ``--workers`` the
+        #: successor may have no process in it for a moment (between its parent's setup and the fork), and
+        #: removing it then would detach the SOCK_OPS link it took over.
+        self.keep_cgroup = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -539,7 +543,8 @@ class Splicer:
         if self._cgroup is not None and self._previous_cgroup is not None:
             with contextlib.suppress(OSError):
                 (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
-            self._remove_cgroup()
+            if not self.keep_cgroup:
+                self._remove_cgroup()
         if self._attachment is not None:
             if not self.exported:
                 # Exported: the successor's connections still run through this verdict.
@@ -547,18 +552,7 @@ class Splicer:
                     self._attachment.detach()
             self._attachment.close()
             self._attachment = None
-        for typed in (self._slot_of, self._owners):
-            if typed is not None:
-                typed.close()
-        self._view_array = None
-        if self._mmap is not None:
-            # BufferError: a SpliceSocket still holds a view; the mapping goes with it.
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
-        for owned in self._maps.values():
-            owned.close()
-        self._maps.clear()
+        self._close_fds()
 
     def _remove_cgroup(self) -> None:
         """Remove our cgroup unless another process (a successor, or the predecessor still draining)
@@ -601,6 +595,46 @@ class Splicer:
         """Move this process back to the cgroup it was in before :meth:`open`."""
         if self._previous_cgroup is not None:
             (self._previous_cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def forget(self) -> None:
+        """Close this process's fds of a splicer that another process runs: detach, release, free and move
+        nothing (a forked ``--workers`` worker and the parent drop what is another process's).  Idempotent.
+        """
+        if self.closed:
+            return
+        self.forget_adopted()
+        self.closed = True
+        self.drop_links()
+        if self._attachment is not None:
+            self._attachment.close()  # our fds only: the attachment lives as long as the map
+            self._attachment = None
+        self._close_fds()
+
+    def forget_adopted(self) -> None:
+        """Close this process's fds of the spliced connections and predecessor maps received in a restart,
+        which another process (the ``--workers`` worker they belong to) runs: nothing is released."""
+        for pair in self.adopted_pairs:
+            pair.client.close()  # this process's fd only: the worker's keeps the connection open
+            pair.upstream.close()
+        self.adopted_pairs.clear()
+        for other in self.adopted:
+            other.forget()
+        self.adopted.clear()
+
+    def _close_fds(self) -> None:
+        for typed in (self._slot_of, self._owners):
+            if typed is not None:
+                typed.close()
+        self._slot_of = self._owners = None
+        self._view_array = None
+        if self._mmap is not None:
+            # BufferError: a SpliceSocket still holds a view; the mapping goes with it.
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+            self._mmap = None
+        for owned in self._maps.values():
+            owned.close()
+        self._maps.clear()
 
     def drop_links(self) -> None:
         """Close our fds of the SOCK_OPS link without detaching anything (a forked worker: the parent's
