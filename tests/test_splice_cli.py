@@ -367,21 +367,27 @@ def test_reload_hands_spliced_connections_to_the_successor(
     assert "Traceback" not in old_text + new_text
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_reload_hands_over_throttled_and_half_closed_connections(
-    netns: Any, upstream: EchoUpstream, tmp_path: Path
+    netns: Any, upstream: EchoUpstream, tmp_path: Path, workers: int
 ) -> None:
     """A reload while two clients do not read: the kernel has throttled both connections towards the
     client, so their relays hold peeked bytes and wait for the client's socket to take them; one client has
     also half-closed (its EOF already went to the upstream, whose echo is still queued).  Both move to the
     successor at once (the old process exits long before its 60 s drain) and end byte-exact, the
-    half-closed one with its EOF after the last byte."""
+    half-closed one with its EOF after the last byte.  With ``--workers 2`` the workers' relays do the
+    same, whichever worker each connection landed on."""
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
-    args = serve_args(upstream, "--drain-timeout", "60", "--log-level", "debug")
+    args = serve_args(upstream, "--drain-timeout", "60", "--log-level", "debug", "--workers", str(workers))
     old = start(netns, old_log, *args)
     new = None
     socks: list[socket.socket] = []
+
+    def ready(log: Path) -> bool:
+        return log.read_text().count("serving 1 TCP") == workers
+
     try:
-        wait_for("the old serve", lambda: "serving 1 TCP" in old_log.read_text())
+        wait_for("the old serve", lambda: ready(old_log))
         socks.append(connect(netns))
         busy = Stream(socks[-1], seed=21)
         busy.progress(1.0)
@@ -394,10 +400,10 @@ def test_reload_hands_over_throttled_and_half_closed_connections(
         assert half.write_closed.wait(10), "the half-closing client could not send its 20 MiB"
         time.sleep(2.0)
         new = start(netns, new_log, *args, command="reload")
-        wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
+        wait_for("the successor", lambda: ready(new_log))
         old.wait(timeout=20)  # not the 60 s drain
         old_text = old_log.read_text()
-        assert "handed 2 spliced connections to pid" in old_text, old_text
+        assert f"handed 2 spliced connections to pid {new.pid}" in old_text, old_text
         # The relays were suspended with bytes in hand (not at a quiet moment), in both connections.
         assert len(re.findall(r"handed over holding to_client=[1-9]", old_text)) == 2, old_text
         for stream in streams:
@@ -409,7 +415,7 @@ def test_reload_hands_over_throttled_and_half_closed_connections(
             sock.close()
         wait_for(
             "the adopted maps to be released",
-            lambda: "released the splice maps adopted from pid" in new_log.read_text(),
+            lambda: new_log.read_text().count("released the splice maps adopted from pid") == workers,
         )
     finally:
         for sock in socks:
@@ -425,7 +431,11 @@ def test_reload_hands_over_throttled_and_half_closed_connections(
     # The slots' counters moved with the maps: the successor's end-of-connection lines show the throttles.
     assert re.search(r"throttles=[1-9]", new_text), new_text
     left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
-    assert re.search(r"2 adopted, 0 handed over; " + left, new_text), new_text
+    if workers == 1:
+        adopted = re.findall(r"(\d+) adopted, 0 handed over; " + left, new_text)
+    else:  # each worker's exit line
+        adopted = re.findall(left + r"; (\d+) adopted, 0 handed over", new_text)
+    assert len(adopted) == workers and sum(map(int, adopted)) == 2, new_text
     assert "Traceback" not in old_text + new_text
 
 
