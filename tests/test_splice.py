@@ -46,6 +46,8 @@ HEADER = struct.Struct("!4sIQQ")  # magic, connection id, bytes client -> upstre
 MAGIC = b"SPLC"
 LINGER_RST = struct.pack("ii", 1, 0)
 SO_SNDBUFFORCE = 32
+#: a 256 KiB backlog bound (64 KiB to splice again): a slow reader is throttled soon
+SMALL_BACKLOG = ("--backlog-high", "262144", "--backlog-low", "65536")
 
 
 def pattern(conn_id: int, direction: int, offset: int, size: int) -> bytes:
@@ -477,9 +479,7 @@ async def test_slow_reader_bounded_by_throttle(netns: NetNS) -> None:
     bound hands the connection back to userspace (which waits), and nothing is lost or reordered."""
     async with (
         upstream_server(netns, rate=1_000_000) as up,
-        proxy_process(
-            netns, up, "--policy", "connect", "--backlog-high", "262144", "--backlog-low", "65536"
-        ) as px,
+        proxy_process(netns, up, "--policy", "connect", *SMALL_BACKLOG) as px,
     ):
         with trio.fail_after(TIMEOUT):
             [sock] = client_sockets(netns, 1)
@@ -498,9 +498,7 @@ async def test_hand_over_in_the_middle_of_a_write(netns: NetNS) -> None:
     in order, and everything is freed at the end."""
     async with (
         upstream_server(netns, rate=1_000_000) as up,
-        proxy_process(
-            netns, up, "--policy", "connect", "--backlog-high", "262144", "--backlog-low", "65536"
-        ) as px,
+        proxy_process(netns, up, "--policy", "connect", *SMALL_BACKLOG) as px,
     ):
         with trio.fail_after(TIMEOUT):
             [sock] = client_sockets(netns, 1)
@@ -756,6 +754,30 @@ def _csum(data: bytes) -> int:
 _SYN, _RST, _PSH, _ACK, _FIN = 0x02, 0x04, 0x08, 0x10, 0x01
 
 
+def drop_kernel_resets(netns: NetNS) -> None:
+    """The raw client's kernel has no socket for its port: keep it from resetting what the proxy sends
+    (progs/test_drop_rst.bpf.c on the namespace's ``lo`` egress)."""
+    subprocess.run(["tc", "-n", netns.name, "qdisc", "add", "dev", "lo", "clsact"], check=True)
+    prog = os.path.join(os.path.dirname(sockpolicy.progs.__file__), "test_drop_rst.bpf.o")
+    filt = [
+        "tc",
+        "-n",
+        netns.name,
+        "filter",
+        "add",
+        "dev",
+        "lo",
+        "egress",
+        "bpf",
+        "da",
+        "obj",
+        prog,
+        "sec",
+        "tc",
+    ]
+    subprocess.run(filt, check=True)
+
+
 class _RawTcp:
     """Just enough TCP, over a raw socket on ``lo``, to send segments that real TCP never sends: a
     retransmission that starts inside bytes the receiver already has and ends after them."""
@@ -824,26 +846,7 @@ async def test_overlapping_retransmission_not_delivered_twice(
     case overlaps 20000 bytes, more than one bpf_skb_adjust_room call removes (4095).
     """
     port = 41234
-    # The client's kernel has no socket for our port: keep it from resetting the proxy's SYN-ACK and data.
-    subprocess.run(["tc", "-n", netns.name, "qdisc", "add", "dev", "lo", "clsact"], check=True)
-    prog = os.path.join(os.path.dirname(sockpolicy.progs.__file__), "test_drop_rst.bpf.o")
-    filt = [
-        "tc",
-        "-n",
-        netns.name,
-        "filter",
-        "add",
-        "dev",
-        "lo",
-        "egress",
-        "bpf",
-        "da",
-        "obj",
-        prog,
-        "sec",
-        "tc",
-    ]
-    subprocess.run(filt, check=True)
+    drop_kernel_resets(netns)
     conn_id, size = 7, second + 1000
     stream = b"PRE\n" + HEADER.pack(MAGIC, conn_id, size, 0) + pattern(conn_id, 0, 0, size)
     async with upstream_server(netns) as up, proxy_process(netns, up, "--policy", "connect") as px:

@@ -81,6 +81,35 @@ def start(ns: Any, log: Path, *args: str, command: str = "serve") -> subprocess.
         )
 
 
+class Serves:
+    """The ``serve`` processes of one test in the order started (a serve and its successors), each
+    logging to its own file.  :meth:`stop` (in the test's ``finally``) stops them all and unloads the
+    steering; :meth:`check` then asserts that each exited 0 without a traceback and returns their logs."""
+
+    def __init__(self, ns: Any) -> None:
+        self.ns = ns
+        self.procs: list[subprocess.Popen[str]] = []
+        self.logs: list[Path] = []
+        self.codes: list[int] = []
+
+    def start(self, log: Path, *args: str, command: str = "serve") -> subprocess.Popen[str]:
+        proc = start(self.ns, log, *args, command=command)
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def stop(self) -> None:
+        self.codes = [stop(proc)[0] for proc in self.procs]
+        sockpolicy(self.ns, "unload")
+
+    def check(self) -> list[str]:
+        texts = [log.read_text() for log in self.logs]
+        for code, text in zip(self.codes, texts, strict=True):
+            assert code == 0, text
+        assert "Traceback" not in "".join(texts), texts
+        return texts
+
+
 def wait_for(what: str, check: Any, timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -302,8 +331,8 @@ def test_reload_hands_spliced_connections_to_the_successor(
     which also propagates EOF and RST and frees everything afterwards."""
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
     args = serve_args(upstream, "--drain-timeout", "60")
-    old = start(netns, old_log, *args)
-    new = None
+    serves = Serves(netns)
+    old = serves.start(old_log, *args)
     kept = doomed = None
     try:
         wait_for("the old serve", lambda: "serving 1 TCP" in old_log.read_text())
@@ -314,7 +343,7 @@ def test_reload_hands_spliced_connections_to_the_successor(
         doomed = connect(netns)
         doomed_stream = Stream(doomed, seed=8, rate=1e6)
         doomed_stream.progress(1.0)
-        new = start(netns, new_log, *args, command="reload")
+        new = serves.start(new_log, *args, command="reload")
         wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
         old.wait(timeout=20)  # not the 60 s drain: nothing was left to drain
         assert gone(old.pid)
@@ -347,13 +376,8 @@ def test_reload_hands_spliced_connections_to_the_successor(
         for sock in (kept, doomed):
             if sock is not None:
                 sock.close()
-        code, _ = stop(old)
-        if new is not None:
-            new_code, _ = stop(new)
-        sockpolicy(netns, "unload")
-    old_text, new_text = old_log.read_text(), new_log.read_text()
-    assert code == 0, old_text
-    assert new_code == 0, new_text
+        serves.stop()
+    old_text, new_text = serves.check()
     assert "took over the SOCK_OPS attachment of cgroup" in new_text, new_text
     assert "adopted 2 spliced connections from pid" in new_text, new_text
     # The bytes of a connection are counted where it ends: the old process counts none of the two.
@@ -364,7 +388,6 @@ def test_reload_hands_spliced_connections_to_the_successor(
     spliced = r"splice: 1 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace; "
     left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
     assert re.search(spliced + "2 adopted, 0 handed over; " + left, new_text), new_text
-    assert "Traceback" not in old_text + new_text
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -379,8 +402,8 @@ def test_reload_hands_over_throttled_and_half_closed_connections(
     same, whichever worker each connection landed on."""
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
     args = serve_args(upstream, "--drain-timeout", "60", "--log-level", "debug", "--workers", str(workers))
-    old = start(netns, old_log, *args)
-    new = None
+    serves = Serves(netns)
+    old = serves.start(old_log, *args)
     socks: list[socket.socket] = []
 
     def ready(log: Path) -> bool:
@@ -399,7 +422,7 @@ def test_reload_hands_over_throttled_and_half_closed_connections(
             stream.reading.clear()  # the echo's bytes pile up towards the clients: the kernel throttles
         assert half.write_closed.wait(10), "the half-closing client could not send its 20 MiB"
         time.sleep(2.0)
-        new = start(netns, new_log, *args, command="reload")
+        new = serves.start(new_log, *args, command="reload")
         wait_for("the successor", lambda: ready(new_log))
         old.wait(timeout=20)  # not the 60 s drain
         old_text = old_log.read_text()
@@ -420,13 +443,8 @@ def test_reload_hands_over_throttled_and_half_closed_connections(
     finally:
         for sock in socks:
             sock.close()
-        code, _ = stop(old)
-        if new is not None:
-            new_code, _ = stop(new)
-        sockpolicy(netns, "unload")
-    old_text, new_text = old_log.read_text(), new_log.read_text()
-    assert code == 0, old_text
-    assert new_code == 0, new_text
+        serves.stop()
+    old_text, new_text = serves.check()
     assert "adopted 2 spliced connections from pid" in new_text, new_text
     # The slots' counters moved with the maps: the successor's end-of-connection lines show the throttles.
     assert re.search(r"throttles=[1-9]", new_text), new_text
@@ -436,7 +454,6 @@ def test_reload_hands_over_throttled_and_half_closed_connections(
     else:  # each worker's exit line
         adopted = re.findall(left + r"; (\d+) adopted, 0 handed over", new_text)
     assert len(adopted) == workers and sum(map(int, adopted)) == 2, new_text
-    assert "Traceback" not in old_text + new_text
 
 
 def test_reload_under_load_refuses_nothing_and_splices_on_adopted_listeners(
@@ -449,13 +466,13 @@ def test_reload_under_load_refuses_nothing_and_splices_on_adopted_listeners(
 
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
     args = serve_args(upstream)
-    old = start(netns, old_log, *args)
-    new = None
+    serves = Serves(netns)
+    old = serves.start(old_log, *args)
     try:
         wait_for("the old serve", lambda: "serving 1 TCP" in old_log.read_text())
         with Load(netns, rate=50) as load:
             time.sleep(1.0)
-            new = start(netns, new_log, *args, command="reload")
+            serves.start(new_log, *args, command="reload")
             wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
             old.wait(timeout=20)
             time.sleep(2.0)
@@ -468,13 +485,8 @@ def test_reload_under_load_refuses_nothing_and_splices_on_adopted_listeners(
             timeout=10,
         )
     finally:
-        code, _ = stop(old)
-        if new is not None:
-            new_code, _ = stop(new)
-        sockpolicy(netns, "unload")
-    old_text, new_text = old_log.read_text(), new_log.read_text()
-    assert code == 0, old_text
-    assert new_code == 0, new_text
+        serves.stop()
+    _old_text, new_text = serves.check()
     match = re.search(
         r"splice: (\d+) connections spliced \(\d+ bytes\), (\d+) relayed in userspace", new_text
     )
@@ -519,13 +531,13 @@ def test_reload_without_splice_leaves_spliced_connections_draining(
     connection (working, spliced) until its drain timeout ends it, and stops enrolling new ones."""
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
     args = serve_args(upstream, "--drain-timeout", "4")
-    old = start(netns, old_log, *args)
-    new = None
+    serves = Serves(netns)
+    old = serves.start(old_log, *args)
     try:
         with connect(netns) as kept:
             first = pattern(4, 1 << 20)
             assert exchange(kept, first, end=False) == first
-            new = start(netns, new_log, *args[1:], command="reload")  # without --splice
+            new = serves.start(new_log, *args[1:], command="reload")  # without --splice
             wait_for("the successor", lambda: "serving 1 TCP" in new_log.read_text())
             second = pattern(5, 1 << 20)
             assert exchange(kept, second, end=False) == second
@@ -540,13 +552,8 @@ def test_reload_without_splice_leaves_spliced_connections_draining(
                     pass
         assert new.poll() is None
     finally:
-        code, _ = stop(old)
-        if new is not None:
-            new_code, _ = stop(new)
-        sockpolicy(netns, "unload")
-    old_text, new_text = old_log.read_text(), new_log.read_text()
-    assert code == 0, old_text
-    assert new_code == 0, new_text
+        serves.stop()
+    old_text, new_text = serves.check()
     spliced = r"splice: 1 connections spliced \([1-9]\d* bytes\), 0 relayed in userspace; 0 adopted, 0 handed"
     assert re.search(spliced, old_text), old_text
     # The successor's connection was not enrolled in the old maps: its slot would still be taken (owners).
@@ -564,14 +571,15 @@ def test_spliced_connection_through_reloads_and_a_throttle(
     ``reloads=0`` is the same without a restart, for comparison."""
     logs = [tmp_path / f"serve{i}.log" for i in range(reloads + 1)]
     args = serve_args(upstream, "--drain-timeout", "60", "--log-level", "debug")
-    procs = [start(netns, logs[0], *args)]
+    serves = Serves(netns)
+    procs = [serves.start(logs[0], *args)]
     kept = None
     try:
         kept = connect(netns)
         stream = Stream(kept, seed=11)
         stream.progress(1.0)
         for i in range(1, reloads + 1):
-            procs.append(start(netns, logs[i], *args, command="reload"))
+            procs.append(serves.start(logs[i], *args, command="reload"))
             wait_for(f"successor {i}", lambda i=i: "serving 1 TCP" in logs[i].read_text())
             procs[i - 1].wait(timeout=20)
             assert "handed 1 spliced connections to pid" in logs[i - 1].read_text()
@@ -589,16 +597,13 @@ def test_spliced_connection_through_reloads_and_a_throttle(
     finally:
         if kept is not None:
             kept.close()
-        codes = [stop(p)[0] for p in procs]
-        sockpolicy(netns, "unload")
-    texts = [log.read_text() for log in logs]
-    assert codes == [0] * len(procs), texts
+        serves.stop()
+    texts = serves.check()
     last = texts[-1]
     # The relay's debug line at the end of the connection: the kernel throttled it in the last process.
     assert re.search(r"throttles=[1-9]", last), last
     left = "left in the maps: socks=0 slot_of=0 owners=0 claimed=0"
     assert re.search(rf"{min(reloads, 1)} adopted, 0 handed over; " + left, last), last
-    assert "Traceback" not in "".join(texts)
 
 
 def test_serve_splice_with_workers(netns: Any, upstream: EchoUpstream, tmp_path: Path) -> None:

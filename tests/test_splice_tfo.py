@@ -22,12 +22,10 @@ Helpers (upstream server, proxy process, patterns) come from test_splice.py.
 from __future__ import annotations
 
 import functools
-import os
 import random
 import re
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from test_splice import (
     ProxyProcess,
     _RawTcp,
     assert_clean,
+    drop_kernel_resets,
     pattern,
     proxy_process,
     recv_pattern,
@@ -57,7 +56,6 @@ from test_splice import (
 )
 from test_splice_rules import echo_upstream, pinned_rules, recv_exact, wait_count
 
-import sockpolicy.progs
 from sockpolicy._rules import Rule, RuleSet
 
 pytestmark = pytest.mark.privileged
@@ -426,30 +424,6 @@ class _TfoRawTcp(_RawTcp):
                 self.rcv_nxt = (seq + len(payload) + (flags & _FIN)) & 0xFFFFFFFF
                 self.fin = self.fin or bool(flags & _FIN)
             return flags, seq
-
-
-def drop_kernel_resets(netns: NetNS) -> None:
-    """The raw client's kernel has no socket for its port: keep it from resetting what the proxy sends
-    (progs/test_drop_rst.bpf.c on the namespace's ``lo`` egress)."""
-    subprocess.run(["tc", "-n", netns.name, "qdisc", "add", "dev", "lo", "clsact"], check=True)
-    prog = os.path.join(os.path.dirname(sockpolicy.progs.__file__), "test_drop_rst.bpf.o")
-    filt = [
-        "tc",
-        "-n",
-        netns.name,
-        "filter",
-        "add",
-        "dev",
-        "lo",
-        "egress",
-        "bpf",
-        "da",
-        "obj",
-        prog,
-        "sec",
-        "tc",
-    ]
-    subprocess.run(filt, check=True)
 
 
 @pytest.mark.parametrize("policy", ["connect", "message"])
