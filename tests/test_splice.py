@@ -811,12 +811,14 @@ class _RawTcp:
             except TimeoutError:
                 return None
             tcp = packet[(packet[0] & 0x0F) * 4 :]
-            sport, dport, seq, _ack, off, flags = struct.unpack_from("!HHIIBB", tcp)
+            sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", tcp)
             if sport != self.dst[1] or dport != self.port:
                 continue
             payload = tcp[(off >> 4) * 4 :]
             if flags & _SYN:
-                self.rcv_nxt = (seq + 1) & 0xFFFFFFFF
+                if self.synack_ack is None:  # a retransmitted SYN-ACK must not rewind rcv_nxt
+                    self.synack_ack = ack
+                    self.rcv_nxt = (seq + 1) & 0xFFFFFFFF
             elif seq == self.rcv_nxt:
                 self.received += payload
                 self.rcv_nxt = (seq + len(payload) + (flags & _FIN)) & 0xFFFFFFFF
@@ -831,6 +833,8 @@ class _RawTcp:
         self.send(self.isn + 1 + self.sent, _ACK)
 
     sent = 0
+    #: what the first SYN-ACK acknowledged (with data in the SYN: whether the server took it)
+    synack_ack: int | None = None
 
 
 @pytest.mark.parametrize(("first", "overlap", "second"), [(1000, 500, 2000), (30000, 10000, 60000)])

@@ -397,35 +397,6 @@ async def test_fastopen_syn_data_alone_gets_its_answer(
 # accept() before the handshake ends: a hand-made client that withholds its ACK of the SYN-ACK
 
 
-class _TfoRawTcp(_RawTcp):
-    """:class:`test_splice._RawTcp` whose SYN carries data, and that keeps the first SYN-ACK's sequence
-    number (a retransmitted SYN-ACK must not rewind ``rcv_nxt``)."""
-
-    synack_ack: int | None = None
-
-    def poll(self, timeout: float) -> tuple[int, int] | None:
-        self.sock.settimeout(timeout)
-        while True:
-            try:
-                packet = self.sock.recv(70000)
-            except TimeoutError:
-                return None
-            tcp = packet[(packet[0] & 0x0F) * 4 :]
-            sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", tcp)
-            if sport != self.dst[1] or dport != self.port:
-                continue
-            payload = tcp[(off >> 4) * 4 :]
-            if flags & _SYN:
-                if self.synack_ack is None:
-                    self.synack_ack = ack
-                    self.rcv_nxt = (seq + 1) & 0xFFFFFFFF
-            elif seq == self.rcv_nxt:
-                self.received += payload
-                self.rcv_nxt = (seq + len(payload) + (flags & _FIN)) & 0xFFFFFFFF
-                self.fin = self.fin or bool(flags & _FIN)
-            return flags, seq
-
-
 @pytest.mark.parametrize("policy", ["connect", "message"])
 async def test_fastopen_accepted_and_spliced_before_the_handshake_ends(netns: NetNS, policy: str) -> None:
     """The proxy accepts a TFO socket still in SYN_RECV, claims its slot, splices, and the answer to the
@@ -454,7 +425,7 @@ async def test_fastopen_accepted_and_spliced_before_the_handshake_ends(netns: Ne
 
         def client() -> int:
             with raw:
-                tcp = _TfoRawTcp(raw, port, px.addr)
+                tcp = _RawTcp(raw, port, px.addr)
                 tcp.send(tcp.isn, _SYN, stream)
                 while (got := tcp.poll(5)) is not None and not got[0] & _SYN:
                     pass
@@ -572,7 +543,7 @@ async def test_fastopen_retransmission_overlapping_the_syn_data(netns: NetNS, ho
 
         def client() -> None:
             with raw:
-                tcp = _TfoRawTcp(raw, port, px.addr)
+                tcp = _RawTcp(raw, port, px.addr)
                 tcp.send(tcp.isn, _SYN, stream[:1000])
                 while (got := tcp.poll(5)) is not None and not got[0] & _SYN:
                     pass
