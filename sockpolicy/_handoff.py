@@ -22,7 +22,7 @@ Protocol, on a ``SOCK_SEQPACKET`` unix socket at ``/run/sockpolicy/<netns inode>
 Splicing (``serve --splice``, docs/operations.md): a successor that splices says ``"splice": true`` in
 its request.  A splicing server then adds, after the sockets, its SOCK_OPS link (which the successor
 takes over with ``BPF_LINK_UPDATE``) and its splice maps (``"splice"`` in the reply describes them).
-If the successor answers ``{"op": "adopted", "splice": true}``, the server hands over its fully spliced
+If the successor answers ``{"op": "adopted", "splice": true}``, the server hands over its spliced
 connections: ``{"status": "bye", "spliced": [...], "more": k}``, ``k`` more ``{"spliced": [...]}``
 messages (at most :data:`LIST_CHUNK` connections per message), then two socket fds per connection.  The
 answer also names the splice cgroups the successor uses (``"cgroups"``), which the server then leaves in
@@ -435,7 +435,7 @@ class Adopted:
     def confirm(self) -> None:
         """Tell the predecessor that the sockets and bindings are ours now; close the channel.
 
-        With :attr:`take_splice` it then hands over its fully spliced connections (:attr:`spliced`).
+        With :attr:`take_splice` it then hands over its spliced connections (:attr:`spliced`).
         """
         self.spliced = self._confirm()
 
