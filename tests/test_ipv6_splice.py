@@ -21,15 +21,12 @@ import pytest
 import trio
 from _harness import NetNS, VethPair
 from test_splice import (
-    HEADER,
-    LINGER_RST,
-    MAGIC,
     TIMEOUT,
     Upstream,
     assert_clean,
     exchange,
-    pattern,
     proxy_process,
+    reset_after_sending,
     upstream_resets_spliced,
     upstream_server,
 )
@@ -102,13 +99,7 @@ async def test_v6_client_rst_and_upstream_rst(netns: NetNS) -> None:
     ):
         with trio.fail_after(TIMEOUT):
             [b] = sockets_in(netns, socket.AF_INET6, 1)
-            with b:
-                await b.connect(("::1", px.port))
-                await b.send(b"PRE\n" + HEADER.pack(MAGIC, 21, 10_000_000, 0) + pattern(21, 0, 0, 500_000))
-                await trio.sleep(0.3)
-                b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-            while up.resets < 1:
-                await trio.sleep(0.05)
+            await reset_after_sending(b, ("::1", px.port), up)
             stats = await px.wait_idle()
     assert up.errors == [] and 21 not in up.results
     assert_clean(stats)

@@ -115,6 +115,11 @@ def scrape(ns: Any, port: int) -> dict[str, float]:
     text = ns.call(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     )
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``{'name{labels}': value}`` of a Prometheus text exposition."""
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

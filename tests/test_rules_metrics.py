@@ -15,7 +15,7 @@ from _e2e import sockpolicy
 from _harness import NetNS
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
-from test_ops import log_of, scrape, start, stop
+from test_ops import log_of, parse_metrics, scrape, start, stop
 from test_ops_load import wait_for_metrics
 from test_rules_kernel import read_exact
 
@@ -30,15 +30,6 @@ BYTES = "sockpolicy_kernel_rule_bytes_total"
 
 def key(metric: str, rule: str, verdict: str) -> str:
     return f'{metric}{{rule="{rule}",verdict="{verdict}"}}'
-
-
-def parse(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            k, v = line.rsplit(" ", 1)
-            out[k] = float(v)
-    return out
 
 
 def connect(netns: NetNS) -> tuple[socket.socket, socket.socket]:
@@ -158,7 +149,7 @@ def test_collector_totals_rename_unnamed_and_verdict_change(netns: NetNS, enforc
     registry.register(collector)  # type: ignore[arg-type]
 
     def metrics() -> dict[str, float]:
-        return parse(generate_latest(registry).decode())
+        return parse_metrics(generate_latest(registry).decode())
 
     client, server = connect(netns)
     with client, server:

@@ -613,6 +613,18 @@ async def test_resplice_after_throttles(netns: NetNS) -> None:
     assert client["redirected"] >= 0.5 * size, client
 
 
+async def reset_after_sending(sock: trio.socket.SocketType, addr: tuple[str, int], up: Upstream) -> None:
+    """Connection 21 announces 10 MB, sends 500 kB (spliced by then), and resets: wait for the upstream to
+    see the RST."""
+    with sock:
+        await sock.connect(addr)
+        await sock.send(b"PRE\n" + HEADER.pack(MAGIC, 21, 10_000_000, 0) + pattern(21, 0, 0, 500_000))
+        await trio.sleep(0.3)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    while up.resets < 1:
+        await trio.sleep(0.05)
+
+
 async def test_half_close_and_client_rst(netns: NetNS) -> None:
     async with upstream_server(netns) as up, proxy_process(netns, up, "--policy", "connect") as px:
         with trio.fail_after(TIMEOUT):
@@ -620,13 +632,7 @@ async def test_half_close_and_client_rst(netns: NetNS) -> None:
             [a, b] = client_sockets(netns, 2)
             await exchange(a, px.addr, 20, 100_000, 2_000_000)
             # Client RST after spliced traffic: the upstream sees a reset, not a clean end.
-            with b:
-                await b.connect(px.addr)
-                await b.send(b"PRE\n" + HEADER.pack(MAGIC, 21, 10_000_000, 0) + pattern(21, 0, 0, 500_000))
-                await trio.sleep(0.3)
-                b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-            while up.resets < 1:
-                await trio.sleep(0.05)
+            await reset_after_sending(b, px.addr, up)
             stats = await px.wait_idle()
     assert up.results[20] == 100_000 and up.errors == []
     assert_clean(stats)
